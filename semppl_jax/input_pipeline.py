@@ -1,0 +1,186 @@
+"""tf.data pipelines: multi-crop training views and centre-crop evaluation batches.
+
+Crops change shapes, so they are cut here on the host (JPEG decode-and-crop in
+one op for encoded sources); colour augmentations keep shapes and run on device
+(``augment.py``). Every random draw comes from a stateless seed derived from
+(run seed, element position), so a pipeline restarted at step ``s`` yields the
+same batches as one that ran through.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from semppl_jax.datasets import Source
+
+
+def _process_slice(source: Source, process_index: int, process_count: int) -> tuple[tf.data.Dataset, int]:
+    """Each process reads its own contiguous slice of the split."""
+    per_process = source.num_examples // process_count
+    if per_process == 0:
+        raise ValueError(f"{source.num_examples} examples cannot be split over {process_count} processes")
+    ds = source.dataset.skip(process_index * per_process).take(per_process)
+    return ds, per_process
+
+
+def _image_shape(image: tf.Tensor, encoded: bool) -> tf.Tensor:
+    return tf.image.extract_jpeg_shape(image) if encoded else tf.shape(image)
+
+
+def _crop_and_resize(image: tf.Tensor, encoded: bool, offset: tf.Tensor, size: tf.Tensor,
+                     out_size: int) -> tf.Tensor:
+    if encoded:
+        window = tf.stack([offset[0], offset[1], size[0], size[1]])
+        crop = tf.image.decode_and_crop_jpeg(image, window, channels=3)
+    else:
+        crop = tf.slice(image, tf.stack([offset[0], offset[1], 0]), tf.stack([size[0], size[1], -1]))
+        if crop.shape[-1] == 1:
+            crop = tf.repeat(crop, 3, axis=-1)
+    crop = tf.image.resize(crop, [out_size, out_size], method="bicubic")
+    return tf.cast(tf.clip_by_value(tf.round(crop), 0.0, 255.0), tf.uint8)
+
+
+def random_resized_crop(image: tf.Tensor, encoded: bool, seed: tf.Tensor, out_size: int,
+                        scale: tuple[float, float], ratio: tuple[float, float]) -> tf.Tensor:
+    """Inception-style crop (area and aspect ranges), stateless."""
+    shape = _image_shape(image, encoded)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=seed,
+        min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    return _crop_and_resize(image, encoded, begin[:2], size[:2], out_size)
+
+
+def center_crop(image: tf.Tensor, encoded: bool, out_size: int, resize: int) -> tf.Tensor:
+    """Central ``out_size/resize`` fraction of the shorter side, resized to ``out_size``."""
+    shape = _image_shape(image, encoded)
+    h, w = shape[0], shape[1]
+    crop = tf.cast(out_size / resize * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
+    offset = tf.stack([(h - crop + 1) // 2, (w - crop + 1) // 2])
+    return _crop_and_resize(image, encoded, offset, tf.stack([crop, crop]), out_size)
+
+
+def _with_labels(ds: tf.data.Dataset, labelled: np.ndarray) -> tf.data.Dataset:
+    """Adds ``is_labelled`` and ``label`` (-1 unless labelled) from the subset mask."""
+    mask = tf.constant(labelled.astype(bool))
+
+    def add(ex):
+        is_labelled = tf.gather(mask, ex["image_id"])
+        return dict(ex, is_labelled=is_labelled,
+                    label=tf.where(is_labelled, ex["true_label"], tf.constant(-1, tf.int32)))
+
+    return ds.map(add, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _stream(ds: tf.data.Dataset, seed: int, buffer: int) -> tf.data.Dataset:
+    return ds.repeat().shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+
+
+def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch: int, seed: int,
+                  process_index: int = 0, process_count: int = 1, start_step: int = 0) -> tf.data.Dataset:
+    """Batches of ``{large [b,L,H,W,3], small [b,S,h,w,3], label, is_labelled,
+    image_id, true_label}`` for this process, starting at ``start_step``."""
+    if len(labelled) != source.num_examples:
+        raise ValueError(f"labelled mask has {len(labelled)} entries for {source.num_examples} images")
+    ds, per_process = _process_slice(source, process_index, process_count)
+    if local_batch > per_process:
+        raise ValueError(f"per-process batch {local_batch} exceeds the {per_process} training images "
+                         f"of this process")
+    ds = _with_labels(ds, labelled)
+    seed = seed * 1000 + process_index
+    buffer = min(config.dataset.shuffle_buffer, per_process)
+    n_lab = config.dataset.labelled_per_batch
+    if n_lab is None:
+        ds = _stream(ds, seed, buffer)
+    else:
+        ds = _fixed_labelled_mix(ds, labelled, n_lab, local_batch, process_count, seed, buffer)
+    ds = ds.skip(start_step * local_batch)  # before the crops: skipping costs no decode
+    views = config.views
+    encoded = source.encoded
+
+    def make_views(position, ex):
+        base = tf.stack([tf.constant(seed, tf.int64), position + start_step * local_batch])
+        seeds = tf.random.experimental.stateless_split(base, views.num_large + views.num_small)
+        large = [random_resized_crop(ex["image"], encoded, seeds[v], views.large_size,
+                                     tuple(views.large_scale), tuple(views.aspect_ratio))
+                 for v in range(views.num_large)]
+        small = [random_resized_crop(ex["image"], encoded, seeds[views.num_large + v], views.small_size,
+                                     tuple(views.small_scale), tuple(views.aspect_ratio))
+                 for v in range(views.num_small)]
+        small = tf.stack(small) if small else tf.zeros([0, views.small_size, views.small_size, 3], tf.uint8)
+        return dict(large=tf.stack(large), small=small, label=ex["label"],
+                    is_labelled=ex["is_labelled"], image_id=ex["image_id"], true_label=ex["true_label"])
+
+    ds = ds.enumerate().map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _fixed_labelled_mix(ds: tf.data.Dataset, labelled: np.ndarray, per_global_batch: int,
+                        local_batch: int, process_count: int, seed: int, buffer: int) -> tf.data.Dataset:
+    """A fixed number of labelled images in every batch, class-stratified.
+
+    The labelled stream cycles over classes (one class after another, each
+    class's images shuffled and repeated), so every batch holds a near-equal
+    number of images of each class; the rest of the batch is the natural stream.
+    """
+    if per_global_batch % process_count:
+        raise ValueError(f"dataset.labelled_per_batch={per_global_batch} is not divisible by the "
+                         f"{process_count} processes")
+    n_lab = per_global_batch // process_count
+    if not 0 < n_lab <= local_batch:
+        raise ValueError(f"dataset.labelled_per_batch={per_global_batch} must be in (0, global batch]")
+    lab = ds.filter(lambda ex: ex["is_labelled"]).cache()
+    per_class = {}
+    for c in np.unique(np.asarray(_labels_of(lab))):
+        per_class[int(c)] = _stream(lab.filter(lambda ex, c=c: tf.equal(ex["label"], c)), seed + int(c), buffer)
+    if not per_class:
+        raise ValueError("dataset.labelled_per_batch is set but this process has no labelled image")
+    order = tf.data.Dataset.range(len(per_class)).repeat()
+    labelled_stream = tf.data.Dataset.choose_from_datasets(list(per_class.values()), order)
+    everything = _stream(ds, seed, buffer)
+    # Within each batch: labelled slots spread evenly (index 0 = labelled stream).
+    slots = np.ones(local_batch, np.int64)
+    slots[np.round(np.linspace(0, local_batch - 1, n_lab)).astype(int)] = 0
+    pattern = tf.data.Dataset.from_tensor_slices(slots).repeat()
+    return tf.data.Dataset.choose_from_datasets([labelled_stream, everything], pattern)
+
+
+def _labels_of(ds: tf.data.Dataset) -> np.ndarray:
+    labels = [x for x in ds.map(lambda ex: ex["label"]).as_numpy_iterator()]
+    return np.array(labels, np.int32)
+
+
+def eval_dataset(source: Source, config: Any, local_batch: int, process_index: int = 0,
+                 process_count: int = 1, max_examples: int | None = None) -> tf.data.Dataset:
+    """Centre crops; every example exactly once over all processes. The last batch
+    is padded, and ``mask`` marks real examples, so metrics divide by true counts."""
+    total = source.num_examples if max_examples is None else min(max_examples, source.num_examples)
+    per_process = math.ceil(total / process_count)
+    start = process_index * per_process
+    count = max(0, min(per_process, total - start))
+    views = config.views
+    ds = source.dataset.skip(start).take(count)
+
+    def prep(ex):
+        return dict(image=center_crop(ex["image"], source.encoded, views.eval_size, views.eval_resize),
+                    label=ex["true_label"], image_id=ex["image_id"], mask=tf.constant(True))
+
+    ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # Pad to a whole number of batches, identical on every process (static shapes).
+    num_batches = max(1, math.ceil(per_process / local_batch))
+    pad = num_batches * local_batch - count
+    blank = dict(image=tf.zeros([views.eval_size, views.eval_size, 3], tf.uint8),
+                 label=tf.constant(-1, tf.int32), image_id=tf.constant(-1, tf.int32),
+                 mask=tf.constant(False))
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
+    return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    return ds.as_numpy_iterator()

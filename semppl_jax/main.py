@@ -1,0 +1,142 @@
+r"""SemPPL launcher: ``python -m semppl_jax.main --config=experiments/x.py[:arg] --workdir=DIR``.
+
+Overrides: ``--config.training.batch_size=256`` etc. Starting again with the
+same workdir resumes from its latest checkpoint. A linear main, top to bottom:
+devices -> config checks -> data -> state (fresh or restored) -> loop (step,
+log, checkpoint, online eval) -> final checkpoint and summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an experiments/ config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host GPU).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host GPU).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host GPU).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() (automatic on TPU VMs and SLURM).")
+
+
+def main(argv) -> None:
+    del argv
+    import jax
+    import numpy as np
+
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+
+    from semppl_jax import checkpointing, config_checks, datasets, input_pipeline, update_step
+    from semppl_jax.metric_writers import MetricWriter, Progress
+
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if config is None or workdir is None:
+        raise app.UsageError("--config and --workdir are required")
+    is_main = jax.process_index() == 0
+    num_devices, num_processes = jax.device_count(), jax.process_count()
+    config_checks.validate(config, num_devices, num_processes)
+
+    # Data: which images carry labels is decided once, from the seed.
+    ds_cfg = config.dataset
+    source = datasets.load_source(ds_cfg.name, ds_cfg.train_split, ds_cfg.data_dir, ds_cfg.synthetic_size,
+                                  ds_cfg.synthetic_image_size, config.seed)
+    config_checks.validate(config, num_devices, num_processes, source.num_examples, source.num_classes)
+    labelled = datasets.labelled_mask(source, ds_cfg.label_subset, ds_cfg.label_seed, ds_cfg.subset_cache_dir)
+    steps_per_epoch = max(1, source.num_examples // config.training.batch_size)
+    total_steps = config.training.num_steps or int(math.ceil(config.training.num_epochs * steps_per_epoch))
+    local_batch = config.training.batch_size // num_processes
+
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    logging.info("devices: %d (%d local) on %d processes, platform %s; global batch %d, per device %d",
+                 num_devices, jax.local_device_count(), num_processes, jax.devices()[0].platform,
+                 config.training.batch_size, config.training.batch_size // num_devices)
+    logging.info("train set: %d images, %d classes, %d labelled (%.2f%%); %d steps (%d per epoch)",
+                 source.num_examples, source.num_classes, labelled.sum(), 100 * labelled.mean(),
+                 total_steps, steps_per_epoch)
+
+    # State: fresh, or the latest checkpoint of this workdir.
+    mesh = update_step.make_mesh()
+    key = jax.random.key(config.seed)
+    state = update_step.replicate(
+        update_step.init_state(config, key, source.num_classes, total_steps, steps_per_epoch), mesh)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.training.keep_checkpoints)
+    meta = checkpointing.arch_signature(config, source.num_classes)
+    if ckpt.latest_step() is not None:
+        state, restored_step = ckpt.restore(checkpointing.abstract_like(state), meta)
+        logging.info("resumed from step %d of %s", restored_step, ckpt.directory)
+    start_step = int(jax.device_get(state.step))
+
+    step_fn = update_step.shard_step(
+        update_step.make_update_step(config, source.num_classes, total_steps, steps_per_epoch), mesh)
+    train_ds = input_pipeline.train_dataset(source, labelled, config, local_batch, config.seed,
+                                            jax.process_index(), num_processes, start_step)
+    batches = train_ds.as_numpy_iterator()
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):  # preemption: finish the step, save, exit
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    writer = MetricWriter(workdir) if is_main else None
+    progress = Progress(total_steps, start_step)
+    last_ckpt_time = time.time()
+    log_every = config.training.log_every_steps
+    step, metrics, t_log = start_step, None, time.time()
+    images_since_log = 0
+    while step < total_steps:
+        batch = update_step.shard_batch(next(batches), mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        images_since_log += config.training.batch_size
+        if step % log_every == 0 or step == total_steps:
+            scalars = jax.device_get(metrics)
+            if not all(np.isfinite(v) for v in scalars.values()):
+                raise FloatingPointError(f"non-finite metrics at step {step}: {scalars}")
+            now = time.time()
+            scalars["images_per_sec"] = images_since_log / max(now - t_log, 1e-9)
+            scalars["step_time_sec"] = (now - t_log) * config.training.batch_size / max(images_since_log, 1)
+            t_log, images_since_log = now, 0
+            if writer:
+                writer.write(step, scalars)
+            logging.info("%s | loss %.4f pl-acc %.3f sempos %.2f queue %.2f lr %.4f",
+                         progress.line(step, progress.rate(step)), scalars["loss"],
+                         scalars["pseudo_label_accuracy"], scalars["semantic_positive_fraction"],
+                         scalars["queue_fill"], scalars["learning_rate"])
+        due = (step % config.training.checkpoint_every_steps == 0
+               or time.time() - last_ckpt_time > 60 * config.training.checkpoint_every_minutes)
+        if due or stop["signal"] is not None or step == total_steps:
+            ckpt.save(step, state, meta, force=True)
+            last_ckpt_time = time.time()
+        if stop["signal"] is not None:
+            logging.warning("signal %d: saved step %d, exiting", stop["signal"], step)
+            break
+    ckpt.close()
+    if writer:
+        writer.close()
+        summary = dict(step=step, total_steps=total_steps,
+                       **{k: float(v) for k, v in jax.device_get(metrics or {}).items()})
+        with open(os.path.join(workdir, "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(json.dumps(summary, indent=2))
+
+
+def run() -> None:
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,86 @@
+"""Metrics to a JSON-lines file and TensorBoard event files; progress with an ETA."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+
+class MetricWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and writes the
+    same scalars as TensorBoard summaries. Only process 0 should create one."""
+
+    def __init__(self, workdir: str, filename: str = "metrics.jsonl", tensorboard: bool = True):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, filename)
+        self._file = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            import tensorflow as tf
+
+            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        record = {"step": int(step)}
+        record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            import tensorflow as tf
+
+            with self._tb.as_default():
+                for k, v in record.items():
+                    if k != "step":
+                        tf.summary.write(k, tf.constant(v, tf.float32), step=int(step),
+                                         metadata=_scalar_metadata())
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _scalar_metadata():
+    """TensorBoard's 'scalars' plugin tag, written without the tensorboard package."""
+    from tensorflow.core.framework import summary_pb2
+
+    meta = summary_pb2.SummaryMetadata()
+    meta.plugin_data.plugin_name = "scalars"
+    return meta.SerializeToString()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """Steps/s and ETA over a moving window, as a one-line summary."""
+
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.total = total_steps
+        self._t0 = time.time()
+        self._s0 = start_step
+        self._last_t, self._last_s = self._t0, start_step
+
+    def rate(self, step: int) -> float:
+        now = time.time()
+        rate = (step - self._last_s) / max(now - self._last_t, 1e-9)
+        self._last_t, self._last_s = now, step
+        return rate
+
+    def line(self, step: int, rate: float) -> str:
+        remaining = (self.total - step) / max(rate, 1e-9)
+        pct = 100.0 * step / max(self.total, 1)
+        return f"[{step}/{self.total} {pct:5.1f}%] {rate:.2f} steps/s, ETA {_fmt(remaining)}"
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

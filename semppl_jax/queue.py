@@ -1,0 +1,118 @@
+"""The pseudo-label queue: labelled embeddings, k-NN votes and semantic positives.
+
+The queue is a fixed-size pytree in the train state (static shapes, donated with
+it). It is identical on every replica: each step pushes the *all-gathered*
+labelled entries, so k-NN and sampling need no further communication.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class QueueState(NamedTuple):
+    embeddings: jax.Array  # [C, D] float32, L2-normalised
+    labels: jax.Array  # [C] int32, -1 marks an empty slot
+    ids: jax.Array  # [C] int32, the image each entry came from
+    pointer: jax.Array  # [] int32, next slot to write (FIFO)
+
+
+def init_queue(size: int, dim: int) -> QueueState:
+    return QueueState(
+        embeddings=jnp.zeros((size, dim), jnp.float32),
+        labels=jnp.full((size,), -1, jnp.int32),
+        ids=jnp.full((size,), -1, jnp.int32),
+        pointer=jnp.zeros((), jnp.int32),
+    )
+
+
+def push(queue: QueueState, embeddings: jax.Array, labels: jax.Array, ids: jax.Array,
+         valid: jax.Array) -> QueueState:
+    """FIFO-pushes the valid rows of a padded block, in block order.
+
+    Invalid rows are dropped; if the block holds more valid rows than the queue,
+    only the last ``C`` survive, as if they had been pushed one at a time.
+    """
+    size = queue.labels.shape[0]
+    valid = valid.astype(bool)
+    rank = jnp.cumsum(valid) - 1  # position among valid rows
+    num_valid = jnp.sum(valid)
+    keep = valid & (rank >= num_valid - size)
+    slot = jnp.where(keep, (queue.pointer + rank) % size, size)  # `size` = out of range: dropped
+    return QueueState(
+        embeddings=queue.embeddings.at[slot].set(embeddings.astype(queue.embeddings.dtype), mode="drop"),
+        labels=queue.labels.at[slot].set(labels.astype(jnp.int32), mode="drop"),
+        ids=queue.ids.at[slot].set(ids.astype(jnp.int32), mode="drop"),
+        pointer=((queue.pointer + num_valid) % size).astype(jnp.int32),
+    )
+
+
+def fill_fraction(queue: QueueState) -> jax.Array:
+    return jnp.mean((queue.labels >= 0).astype(jnp.float32))
+
+
+def weighted_vote(labels: jax.Array, weights: jax.Array, valid: jax.Array, num_classes: int
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Majority label per row; ties go to the larger summed weight.
+
+    ``labels``/``weights``/``valid``: ``[n, m]``, weights in ``[-1, 1]``. Returns the
+    label (``-1`` where no row entry is valid) and the winner's mean weight.
+    """
+    m = labels.shape[-1]
+    onehot = jax.nn.one_hot(jnp.where(valid, labels, -1), num_classes, dtype=jnp.float32)  # [n, m, K]
+    counts = jnp.sum(onehot, axis=1)
+    summed = jnp.einsum("nmk,nm->nk", onehot, weights.astype(jnp.float32))
+    # Lexicographic (count, summed weight): summed + m lies in [0, 2m] < 2m + 1.
+    score = jnp.where(counts > 0, counts * (2 * m + 1) + summed + m, -1.0)
+    winner = jnp.argmax(score, axis=-1)
+    has_any = jnp.any(valid, axis=-1)
+    win_count = jnp.take_along_axis(counts, winner[:, None], axis=-1)[:, 0]
+    win_mean = jnp.take_along_axis(summed, winner[:, None], axis=-1)[:, 0] / jnp.maximum(win_count, 1)
+    return jnp.where(has_any, winner, -1).astype(jnp.int32), jnp.where(has_any, win_mean, 0.0)
+
+
+def knn_vote(queue: QueueState, queries: jax.Array, k: int, num_classes: int
+             ) -> tuple[jax.Array, jax.Array]:
+    """k-NN majority vote of normalised ``queries`` [n, D] over the filled queue entries."""
+    sims = queries.astype(jnp.float32) @ queue.embeddings.T  # cosine: both sides normalised
+    filled = queue.labels >= 0
+    top_sims, top_idx = jax.lax.top_k(jnp.where(filled[None, :], sims, -jnp.inf), k)
+    valid = jnp.isfinite(top_sims)
+    return weighted_vote(queue.labels[top_idx], jnp.where(valid, top_sims, 0.0), valid, num_classes)
+
+
+def pseudo_labels(queue: QueueState, queries: jax.Array, k: int, num_classes: int) -> jax.Array:
+    """Per-view k-NN votes [L, n, D] -> one label per image: the mode over views.
+
+    Views that disagree equally are settled by the larger mean similarity of the
+    view's winning neighbours.
+    """
+    votes, strength = jax.vmap(lambda q: knn_vote(queue, q, k, num_classes))(queries)  # [L, n]
+    label, _ = weighted_vote(votes.T, strength.T, votes.T >= 0, num_classes)
+    return label
+
+
+def sample_positives(key: jax.Array, queue: QueueState, labels: jax.Array, ids: jax.Array,
+                     global_index: jax.Array, num_positives: int) -> tuple[jax.Array, jax.Array]:
+    """Draws M queue entries per image, uniformly with replacement, among entries
+    with the image's (pseudo-)label and another image's id.
+
+    Returns embeddings ``[n, M, D]`` and a validity mask ``[n, M]`` (all False where
+    the image has no label or no eligible entry). Keys are folded with the global
+    image index so that draws do not depend on the device layout.
+    """
+    eligible = ((queue.labels[None, :] == labels[:, None]) & (labels[:, None] >= 0)
+                & (queue.ids[None, :] != ids[:, None]))  # [n, C]
+
+    def draw(idx: jax.Array, row: jax.Array) -> jax.Array:
+        logits = jnp.where(row, 0.0, -jnp.inf)
+        return jax.random.categorical(jax.random.fold_in(key, idx), logits, shape=(num_positives,))
+
+    chosen = jax.vmap(draw)(global_index, eligible)  # [n, M]
+    has_any = jnp.any(eligible, axis=-1)
+    chosen = jnp.where(has_any[:, None], chosen, 0)
+    valid = jnp.broadcast_to(has_any[:, None], chosen.shape)
+    return queue.embeddings[chosen], valid

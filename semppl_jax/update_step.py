@@ -1,0 +1,272 @@
+"""The SemPPL update step, written per replica and mapped over a 1-D ``data`` mesh.
+
+Read top to bottom, one step is (numbers refer to ``semppl_method.md``):
+augment views on device -> target projections, all-gathered (the negatives and
+k-NN queries) -> pseudo-labels by k-NN over the queue (3) -> semantic positives
+(4) -> online forward and the loss ``c (L_augm + alpha L_sempos) + lambda I``
+(1, 2, 5, 6) -> gradients averaged over replicas, LARS, target EMA (7) ->
+enqueue the all-gathered labelled entries (8) -> monitors (9).
+
+Every per-example random draw is keyed by the image's global index, and every
+data-dependent normalisation (semantic positives, probe) is by a global count,
+so one step on 8 devices equals the same step on 1 device
+(``tests/test_sharded_step.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from semppl_jax import augment, losses, networks, optim
+from semppl_jax import queue as pl_queue
+
+AXIS = "data"
+
+
+class TrainState(NamedTuple):
+    online_params: hk.Params
+    online_state: hk.State
+    target_params: hk.Params
+    target_state: hk.State
+    opt_state: optax.OptState
+    queue: pl_queue.QueueState
+    step: jax.Array  # [] int32
+    rng: jax.Array  # raw uint32 key data (checkpoints hold plain arrays)
+
+
+class StepInputs(NamedTuple):
+    """What the loss may read. Ground truth of unlabelled images is not here."""
+
+    large: jax.Array  # [b, L, H, W, 3] uint8
+    small: jax.Array  # [b, S, h, w, 3] uint8
+    label: jax.Array  # [b] int32, -1 where unlabelled
+    is_labelled: jax.Array  # [b] bool
+    image_id: jax.Array  # [b] int32, unique per training image
+
+
+def split_batch(batch: Mapping[str, jax.Array]) -> tuple[StepInputs, jax.Array]:
+    """Separates the loss's inputs from ``true_label``, which only monitors see."""
+    inputs = StepInputs(large=batch["large"], small=batch["small"], label=batch["label"],
+                        is_labelled=batch["is_labelled"], image_id=batch["image_id"])
+    return inputs, batch["true_label"]
+
+
+@functools.cache
+def _pairs(num_views: int, num_large: int, same_crop: bool):
+    return losses.view_pairs(num_views, num_large, same_crop), losses.large_view_pairs(num_large)
+
+
+def make_network(config: Any, num_classes: int, axis_name: str | None = AXIS) -> hk.TransformedWithState:
+    return networks.make_network(config.model, num_classes, axis_name)
+
+
+def make_schedules(config: Any, total_steps: int, steps_per_epoch: int):
+    lr = optim.learning_rate_schedule(config.optim.base_lr, config.training.batch_size, total_steps,
+                                      int(round(config.optim.warmup_epochs * steps_per_epoch)))
+    tau = optim.target_ema_schedule(config.optim.ema_base, total_steps)
+    return lr, tau
+
+
+def init_state(config: Any, key: jax.Array, num_classes: int, total_steps: int,
+               steps_per_epoch: int) -> TrainState:
+    """Initial state (run un-mapped: BN needs no axis at init)."""
+    net = make_network(config, num_classes, axis_name=None)
+    size = config.views.large_size
+    params, state = net.init(key, jnp.zeros((2, size, size, 3), jnp.float32), True)
+    lr, _ = make_schedules(config, total_steps, steps_per_epoch)
+    opt_state = optim.make_optimizer(config.optim, lr).init(params)
+    return TrainState(
+        online_params=params, online_state=state,
+        target_params=jax.tree.map(jnp.copy, params), target_state=jax.tree.map(jnp.copy, state),
+        opt_state=opt_state,
+        queue=pl_queue.init_queue(config.semppl.queue_size, config.model.projection_size),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+    )
+
+
+def _flatten_views(views: jax.Array) -> jax.Array:
+    """[V, b, ...] -> [V*b, ...]: all views of a kind through the network at once."""
+    return views.reshape((-1,) + views.shape[2:])
+
+
+def _global_mean(local_sum: jax.Array, local_count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(this replica's share of the global mean, the global mean itself).
+
+    The share is scaled so that averaging gradients over replicas yields the
+    gradient of the global mean even though counts differ per replica.
+    """
+    count = jnp.maximum(jax.lax.psum(local_count, AXIS), 1.0)
+    share = jax.lax.psum(1, AXIS) * local_sum / count
+    return share, jax.lax.psum(jax.lax.stop_gradient(local_sum), AXIS) / count
+
+
+def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_epoch: int
+                     ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
+    """Returns the per-replica step ``(state, local batch) -> (state, metrics)``."""
+    net = make_network(config, num_classes)
+    lr_schedule, tau_schedule = make_schedules(config, total_steps, steps_per_epoch)
+    optimizer = optim.make_optimizer(config.optim, lr_schedule)
+    cfg = config.semppl
+    num_large, num_small = config.views.num_large, config.views.num_small
+    pairs, large_pairs = _pairs(num_large + num_small, num_large, cfg.same_crop_pairs)
+
+    def update_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
+        inputs, true_label = split_batch(batch)
+        local_batch = inputs.label.shape[0]
+        num_replicas = jax.lax.psum(1, AXIS)
+        global_batch = local_batch * num_replicas
+        global_index = jax.lax.axis_index(AXIS) * local_batch + jnp.arange(local_batch)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        aug_key, neg_key, pos_key = jax.random.split(key, 3)
+
+        # Views: [b, V, ...] uint8 -> [V, b, ...] augmented float.
+        large = augment.augment_views(aug_key, jnp.swapaxes(inputs.large, 0, 1), 0, global_index,
+                                      config.augment)
+        small = augment.augment_views(aug_key, jnp.swapaxes(inputs.small, 0, 1), num_large,
+                                      global_index, config.augment) if num_small else None
+
+        # Target projections of the large views; gathered: the global candidates.
+        target_out, target_state = net.apply(state.target_params, state.target_state, None,
+                                             _flatten_views(large), True, ("projection",))
+        target_proj = losses.l2_normalize(target_out["projection"]).reshape(num_large, local_batch, -1)
+        target_proj = jax.lax.stop_gradient(target_proj)
+        candidates = jax.lax.all_gather(target_proj, AXIS, axis=1, tiled=True)  # [L, B, D]
+        candidate_mask = losses.sample_candidate_mask(neg_key, global_index, global_index,
+                                                      global_batch, cfg.num_negatives)
+
+        def online_predictions(params):
+            out, net_state = net.apply(params, state.online_state, None, _flatten_views(large), True)
+            preds = [out["prediction"].reshape(num_large, local_batch, -1)]
+            if small is not None:
+                out_small, net_state = net.apply(params, net_state, None, _flatten_views(small), True,
+                                                 ("prediction",))
+                preds.append(out_small["prediction"].reshape(num_small, local_batch, -1))
+            return losses.l2_normalize(jnp.concatenate(preds)), out["logits"], net_state
+
+        # Pseudo-labels (3) and semantic positives (4): no gradient, queue as it was.
+        if cfg.knn_query == "target":
+            queries = target_proj
+        else:
+            queries = jax.lax.stop_gradient(online_predictions(state.online_params)[0][:num_large])
+        pseudo = pl_queue.pseudo_labels(state.queue, queries, cfg.knn_k, num_classes)
+        working_label = jnp.where(inputs.is_labelled, inputs.label, pseudo)
+        positives, positive_valid = pl_queue.sample_positives(
+            pos_key, state.queue, working_label, inputs.image_id, global_index, cfg.num_positives)
+
+        def loss_fn(params):
+            online, logits, net_state = online_predictions(params)
+            l_augm = losses.augmentation_loss(online, candidates, global_index, pairs,
+                                              cfg.temperature, candidate_mask)
+            invariance = losses.invariance_penalty(online, candidates, large_pairs, cfg.temperature,
+                                                   candidate_mask)
+            if cfg.alpha != 0.0:
+                sem_sum, sem_count = losses.semantic_positive_loss(
+                    online, candidates, positives, positive_valid, global_index, pairs,
+                    cfg.temperature, candidate_mask)
+                l_sempos_share, l_sempos = _global_mean(sem_sum, sem_count)
+            else:  # the ReLICv2-style baseline, exactly: the term is not built at all
+                l_sempos_share = l_sempos = jnp.zeros((), jnp.float32)
+            objective = cfg.c * (l_augm + cfg.alpha * l_sempos_share) + cfg.lam * invariance
+            # Online probe (a monitor): cross-entropy on labelled images only,
+            # on a stop-gradient embedding, so it trains the classifier alone.
+            probe_labels = jnp.tile(inputs.label, num_large)
+            probe_ce = optax.softmax_cross_entropy_with_integer_labels(
+                logits, jnp.maximum(probe_labels, 0))
+            probe_mask = (probe_labels >= 0).astype(jnp.float32)
+            probe_share, probe_loss = _global_mean(jnp.sum(probe_ce * probe_mask), jnp.sum(probe_mask))
+            aux = dict(net_state=net_state, logits=logits, l_augm=l_augm, invariance=invariance,
+                       l_sempos=l_sempos, probe_loss=probe_loss,
+                       objective=cfg.c * (l_augm + cfg.alpha * l_sempos) + cfg.lam * invariance)
+            return objective + probe_share, aux
+
+        grads, aux = jax.grad(loss_fn, has_aux=True)(state.online_params)
+        grads = jax.lax.pmean(grads, AXIS)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.online_params)
+        online_params = optax.apply_updates(state.online_params, updates)
+        tau = tau_schedule(state.step)
+        target_params = optim.ema_update(state.target_params, online_params, tau)
+
+        # Enqueue (8): every replica pushes the same gathered block, after the loss.
+        all_labels = jax.lax.all_gather(inputs.label, AXIS, tiled=True)
+        all_ids = jax.lax.all_gather(inputs.image_id, AXIS, tiled=True)
+        all_labelled = jax.lax.all_gather(inputs.is_labelled, AXIS, tiled=True)
+        new_queue = pl_queue.push(
+            state.queue,
+            jnp.swapaxes(candidates, 0, 1).reshape(global_batch * num_large, -1),  # image-major
+            jnp.repeat(all_labels, num_large), jnp.repeat(all_ids, num_large),
+            jnp.repeat(all_labelled, num_large))
+
+        metrics = _monitors(aux, inputs, true_label, pseudo, positive_valid, num_large)
+        metrics.update(queue_fill=pl_queue.fill_fraction(new_queue), learning_rate=lr_schedule(state.step),
+                       tau=tau)
+        new_state = TrainState(online_params, aux["net_state"], target_params, target_state, opt_state,
+                               new_queue, state.step + 1, state.rng)
+        return new_state, metrics
+
+    return update_step
+
+
+def _monitors(aux: dict, inputs: StepInputs, true_label: jax.Array, pseudo: jax.Array,
+              positive_valid: jax.Array, num_large: int) -> dict:
+    """Global (all-replica) monitors. ``true_label`` is read here and nowhere else."""
+    def ratio(num, den):
+        return jax.lax.psum(num, AXIS) / jnp.maximum(jax.lax.psum(den, AXIS), 1.0)
+
+    unlabelled = (~inputs.is_labelled) & (true_label >= 0)
+    correct_pl = (pseudo == true_label) & unlabelled
+    probe_pred = jnp.argmax(aux["logits"], axis=-1)
+    probe_target = jnp.tile(true_label, num_large)
+    probe_valid = jnp.tile(unlabelled, num_large)
+    return dict(
+        loss=jax.lax.pmean(aux["objective"], AXIS),
+        l_augm=jax.lax.pmean(aux["l_augm"], AXIS),
+        invariance=jax.lax.pmean(aux["invariance"], AXIS),
+        l_sempos=aux["l_sempos"],
+        probe_loss=aux["probe_loss"],
+        pseudo_label_accuracy=ratio(jnp.sum(correct_pl), jnp.sum(unlabelled)),
+        pseudo_label_coverage=ratio(jnp.sum((pseudo >= 0) & unlabelled), jnp.sum(unlabelled)),
+        semantic_positive_fraction=ratio(jnp.sum(positive_valid[:, 0]), jnp.asarray(pseudo.shape[0])),
+        probe_accuracy=ratio(jnp.sum((probe_pred == probe_target) & probe_valid), jnp.sum(probe_valid)),
+        labelled_fraction=ratio(jnp.sum(inputs.is_labelled), jnp.asarray(pseudo.shape[0])),
+    )
+
+
+def make_mesh(devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), (AXIS,), devices=devices)
+
+
+def shard_step(step_fn: Callable, mesh: Mesh) -> Callable:
+    """``jit(shard_map(step))``: state replicated, batch split on its leading axis,
+    state donated. ``check_vma=False`` gives pmap's semantics (per-replica
+    gradients, transposed collectives), which the explicit ``pmean`` relies on."""
+    mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+                           check_vma=False)
+    return jax.jit(mapped, donate_argnums=(0,))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:
+    """Host-local numpy batch -> global arrays split over the ``data`` axis.
+
+    Works multi-host: each process passes its own slice of the global batch.
+    """
+    sharding = NamedSharding(mesh, P(AXIS))
+    out = {}
+    for name, value in batch.items():
+        global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+        out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out

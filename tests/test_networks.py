@@ -1,0 +1,89 @@
+"""Every parameter and state name and shape equals the released checkpoints'."""
+
+import json
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from semppl_jax import networks
+from tests.conftest import SHARED
+
+MANIFEST = SHARED / "reference" / "official_param_manifest.json"
+ARCHS = {"TinyResNet_1x": ("tiny", 1), "ResNet18_1x": ("resnet18", 1), "ResNet50_1x": ("resnet50", 1),
+         "ResNet50_2x": ("resnet50", 2), "ResNet200_2x": ("resnet200", 2)}
+
+
+def model_config(depth, width=1, v2=False, sk=0.0, hidden=4096, proj=256):
+    return ml_collections.ConfigDict(dict(depth=depth, width_multiplier=width, resnet_v2=v2, sk_ratio=sk,
+                                          bn_decay=0.9, projector_hidden_size=hidden,
+                                          predictor_hidden_size=hidden, projection_size=proj))
+
+
+def shapes(depth, width, **kw):
+    net = networks.make_network(model_config(depth, width, **kw), 1000, None)
+    return jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), True))
+
+
+@pytest.mark.skipif(not MANIFEST.exists(), reason="needs ../shared/reference")
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_names_and_shapes_match_released_manifest(arch):
+    manifest = json.loads(MANIFEST.read_text())[arch]
+    params, state = shapes(*ARCHS[arch])
+    got_params = {f"{m}/{n}": list(v.shape) for m, d in params.items() for n, v in d.items()}
+    got_state = {f"{m}/{n}": [list(v.shape), str(v.dtype)] for m, d in state.items() for n, v in d.items()}
+    assert got_params == manifest["params"]
+    assert got_state == manifest["state"]
+
+
+@pytest.mark.parametrize("depth", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+def test_every_depth_and_width_builds(depth):
+    for width in (1, 2, 4) if depth == "resnet50" else (1,):
+        params, _ = shapes(depth, width, hidden=32, proj=16)
+        embed = params[f"{networks.MODULE_NAMES[depth]}/~/initial_conv"]["w"].shape[-1]
+        assert embed == 64 * width
+        assert params["projector/linear"]["w"].shape[0] == networks.RESNET_SPECS[depth].channels_per_group[-1] * width
+
+
+def _forward(depth, **kw):
+    net = networks.make_network(model_config(depth, hidden=32, proj=16, **kw), 10, None)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    params, state = net.init(jax.random.key(0), x, True)
+    out, _ = net.apply(params, state, None, x, True)
+    return params, out
+
+
+def test_selective_kernel_variant_runs_and_has_sk_modules():
+    params, out = _forward("resnet50", sk=0.0625)
+    assert any("sk_conv_1" in name for name in params)
+    assert "res_net50/~/initial_conv_0" in params  # SimCLRv2's deep stem
+    assert np.isfinite(np.asarray(out["prediction"])).all() and out["embedding"].shape == (2, 2048)
+
+
+def test_resnet_v2_runs_with_final_batchnorm():
+    params, out = _forward("resnet18", v2=True)
+    assert "res_net18/~/final_batchnorm" in params
+    assert np.isfinite(np.asarray(out["logits"])).all() and out["logits"].shape == (2, 10)
+
+
+def test_selective_kernels_need_a_bottleneck():
+    with pytest.raises(ValueError, match="bottleneck"):
+        _forward("resnet18", sk=0.0625)
+
+
+def test_probe_sees_a_stop_gradient_embedding():
+    net = networks.make_network(model_config("tiny", hidden=16, proj=8), 10, None)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    params, state = net.init(jax.random.key(0), x, True)
+
+    def probe_loss(p):
+        return jnp.sum(net.apply(p, state, None, x, True)[0]["logits"])
+
+    grads = jax.grad(probe_loss)(params)
+    for module, g in grads.items():
+        norm = sum(float(jnp.sum(jnp.abs(v))) for v in g.values())
+        assert (norm > 0) == (module == "classifier"), module
+    assert isinstance(hk.data_structures.to_haiku_dict(params), dict)

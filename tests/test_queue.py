@@ -1,0 +1,109 @@
+"""The pseudo-label queue on constructed embeddings where the answer is known."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from semppl_jax import queue as q
+
+
+def _unit(*vecs):
+    v = np.asarray(vecs, np.float32)
+    return jnp.asarray(v / np.linalg.norm(v, axis=-1, keepdims=True))
+
+
+def test_push_fifo_masks_padding_and_wraps_around():
+    state = q.init_queue(4, 2)
+    emb = jnp.arange(12, dtype=jnp.float32).reshape(6, 2)
+    state = q.push(state, emb, jnp.arange(6), jnp.arange(6) + 100, jnp.array([1, 0, 1, 0, 1, 0], bool))
+    np.testing.assert_array_equal(state.labels, [0, 2, 4, -1])
+    np.testing.assert_array_equal(state.ids, [100, 102, 104, -1])
+    assert int(state.pointer) == 3 and float(q.fill_fraction(state)) == 0.75
+    # Three more valid rows: slot 3, then wrap to overwrite the two oldest.
+    state = q.push(state, emb[:3] + 50, jnp.array([7, 8, 9]), jnp.array([7, 8, 9]), jnp.ones(3, bool))
+    np.testing.assert_array_equal(state.labels, [8, 9, 4, 7])
+    np.testing.assert_array_equal(state.embeddings[3], emb[0] + 50)
+    assert int(state.pointer) == 2
+
+
+def test_push_block_larger_than_queue_keeps_the_last_entries():
+    state = q.init_queue(3, 1)
+    state = q.push(state, jnp.zeros((5, 1)), jnp.arange(5), jnp.arange(5), jnp.ones(5, bool))
+    assert sorted(np.asarray(state.labels).tolist()) == [2, 3, 4]
+    # Same as pushing them one at a time.
+    one = q.init_queue(3, 1)
+    for i in range(5):
+        one = q.push(one, jnp.zeros((1, 1)), jnp.array([i]), jnp.array([i]), jnp.ones(1, bool))
+    np.testing.assert_array_equal(one.labels, state.labels)
+    assert int(one.pointer) == int(state.pointer)
+
+
+def _filled(embs, labels, ids=None, size=None):
+    size = size or len(labels)
+    state = q.init_queue(size, embs.shape[1])
+    ids = jnp.arange(len(labels)) if ids is None else jnp.asarray(ids)
+    return q.push(state, embs, jnp.asarray(labels), ids, jnp.ones(len(labels), bool))
+
+
+def test_knn_majority_on_clusters():
+    # Class 0 around +x, class 1 around +y.
+    embs = _unit([1, 0.1], [1, -0.1], [0.9, 0], [0.1, 1], [-0.1, 1], [0, 0.9])
+    state = _filled(embs, [0, 0, 0, 1, 1, 1])
+    labels, _ = q.knn_vote(state, _unit([1, 0.05], [0.05, 1], [1, 0.9]), k=3, num_classes=2)
+    np.testing.assert_array_equal(labels, [0, 1, 0])
+
+
+def test_knn_tie_broken_by_summed_similarity():
+    # k=2, one neighbour of each class: the closer one wins.
+    embs = _unit([1, 0], [0, 1])
+    state = _filled(embs, [3, 5])
+    labels, _ = q.knn_vote(state, _unit([0.6, 0.8], [0.8, 0.6]), k=2, num_classes=6)
+    np.testing.assert_array_equal(labels, [5, 3])
+    # A 2-vs-1 majority beats a closer single neighbour.
+    state = _filled(_unit([0, 1], [0.2, 1], [1, 0]), [1, 1, 0])
+    labels, _ = q.knn_vote(state, _unit([1, 0.3]), k=3, num_classes=2)
+    np.testing.assert_array_equal(labels, [1])
+
+
+def test_knn_on_empty_and_partly_filled_queue():
+    state = q.init_queue(8, 2)
+    labels, _ = q.knn_vote(state, _unit([1, 0]), k=3, num_classes=4)
+    np.testing.assert_array_equal(labels, [-1])
+    state = _filled(_unit([1, 0]), [2], size=8)  # 1 entry, k=3: vote of the one valid neighbour
+    labels, _ = q.knn_vote(state, _unit([0, 1]), k=3, num_classes=4)
+    np.testing.assert_array_equal(labels, [2])
+
+
+def test_pseudo_label_is_mode_over_views():
+    embs = _unit([1, 0], [0, 1])
+    state = _filled(embs, [0, 1])
+    # 3 views: two near class 1, one near class 0 -> 1. Second image: 2 near 0.
+    views = jnp.stack([_unit([0.1, 1], [1, 0.1]), _unit([0.2, 1], [1, 0.2]), _unit([1, 0.1], [0.1, 1])])
+    np.testing.assert_array_equal(q.pseudo_labels(state, views, k=1, num_classes=2), [1, 0])
+    # Two views that disagree: the view with the more similar neighbour wins.
+    views = jnp.stack([_unit([1, 0.9]), _unit([0.1, 1])])
+    np.testing.assert_array_equal(q.pseudo_labels(state, views, k=1, num_classes=2), [1])
+
+
+def test_semantic_positives_share_the_label_and_exclude_own_id():
+    embs = _unit([1, 0], [1, 0.1], [0, 1], [0.1, 1], [1, 1])
+    state = _filled(embs, [0, 0, 1, 1, 0], ids=[10, 11, 12, 13, 10])
+    labels = jnp.array([0, 1, 2, -1])
+    ids = jnp.array([10, 12, 99, 98])
+    pos, valid = q.sample_positives(jax.random.key(0), state, labels, ids, jnp.arange(4), 64)
+    valid = np.asarray(valid)
+    assert valid[0].all() and valid[1].all() and not valid[2].any() and not valid[3].any()
+    # Image 0 (id 10, label 0): only entry 1 is eligible (entries 0 and 4 are its own).
+    np.testing.assert_allclose(pos[0], np.repeat(np.asarray(embs[1:2]), 64, 0), atol=1e-6)
+    # Image 1 (id 12, label 1): only entry 3.
+    np.testing.assert_allclose(pos[1], np.repeat(np.asarray(embs[3:4]), 64, 0), atol=1e-6)
+
+
+def test_semantic_positives_are_uniform_over_eligible_entries():
+    embs = jnp.eye(4, dtype=jnp.float32)
+    state = _filled(embs, [0, 0, 0, 1])
+    pos, valid = q.sample_positives(jax.random.key(1), state, jnp.array([0]), jnp.array([99]),
+                                    jnp.arange(1), 3000)
+    counts = np.asarray(pos[0]).sum(0)
+    assert valid.all() and counts[3] == 0
+    np.testing.assert_allclose(counts[:3] / 3000, [1 / 3] * 3, atol=0.04)
