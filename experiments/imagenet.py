@@ -31,7 +31,7 @@ def get_config(arg: str | None = "resnet50,1pct"):
     c.model.update(dict(depth=depth, width_multiplier=width, sk_ratio=0.0625 if sk else 0.0))
     c.training.update(dict(batch_size=4096, num_epochs=300.0, log_every_steps=100,
                            eval_every_steps=5000, eval_max_examples=10_000))
-    # Best reading: the queue holds about the last 5 epochs of labelled entries at
-    # 1% labels (41 labelled images x 4 views per step x 312 steps/epoch x ~1.6).
+    # Best reading: the queue holds the labelled entries of the last ~125 steps
+    # (1%: ~41 labelled images x 4 large views = 164 entries a step; 10%: ~1640).
     c.semppl.queue_size = 20_480 if subset == "1pct" else 204_800
     return c

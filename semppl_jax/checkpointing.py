@@ -44,12 +44,16 @@ class Checkpointer:
         return self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
+    def read_meta(self, step: int | None = None) -> dict:
+        step = self._manager.latest_step() if step is None else step
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def restore(self, abstract_state: Any, meta: dict, step: int | None = None) -> tuple[Any, int]:
         """Restores into the shapes/shardings of ``abstract_state``; refuses a changed model."""
         step = self._manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        saved_meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved_meta = self.read_meta(step)
         changed = {k: (saved_meta.get(k), v) for k, v in meta.items() if saved_meta.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changed.items())
@@ -69,3 +73,19 @@ class Checkpointer:
 
 def abstract_like(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def restore_state(workdir: str, config: Any, step: int | None = None) -> tuple[Any, int]:
+    """The train state saved in ``workdir`` (latest, or ``step``), on the default device."""
+    from semppl_jax import update_step
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
+    meta = ckpt.read_meta(step)
+    shapes = jax.eval_shape(lambda: update_step.init_state(config, jax.random.key(0), meta["num_classes"], 1, 1))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+    state, step = ckpt.restore(abstract, meta, step)
+    ckpt.close()
+    return state, step

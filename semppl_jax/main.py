@@ -9,6 +9,7 @@ log, checkpoint, online eval) -> final checkpoint and summary.
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import math
 import os
 import signal
@@ -26,21 +27,40 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (automatic on TPU VMs and SLURM).")
 
 
+_STOP_AFTER = flags.DEFINE_integer("stop_after", None,
+                                   "Stop (with a checkpoint) after this many steps of this run; "
+                                   "for time-sliced schedulers. Rerun the command to continue.")
+
+
+class _QuietOrbax(pylogging.Filter):
+    """Orbax logs every save at INFO; keep its warnings, drop the chatter."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv) -> None:
     del argv
     import jax
-    import numpy as np
+
+    logging.get_absl_handler().addFilter(_QuietOrbax())
 
     if _DISTRIBUTED.value or _COORDINATOR.value:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
+
+
+def train(config, workdir: str, stop_after: int | None = None) -> dict:
+    """Pretrains (or resumes) in ``workdir``; returns the last logged metrics."""
+    import jax
+    import numpy as np
 
     from semppl_jax import checkpointing, config_checks, datasets, input_pipeline, update_step
     from semppl_jax.metric_writers import MetricWriter, Progress
 
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    if config is None or workdir is None:
-        raise app.UsageError("--config and --workdir are required")
     is_main = jax.process_index() == 0
     num_devices, num_processes = jax.device_count(), jax.process_count()
     config_checks.validate(config, num_devices, num_processes)
@@ -77,6 +97,7 @@ def main(argv) -> None:
         state, restored_step = ckpt.restore(checkpointing.abstract_like(state), meta)
         logging.info("resumed from step %d of %s", restored_step, ckpt.directory)
     start_step = int(jax.device_get(state.step))
+    end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
 
     step_fn = update_step.shard_step(
         update_step.make_update_step(config, source.num_classes, total_steps, steps_per_epoch), mesh)
@@ -89,21 +110,22 @@ def main(argv) -> None:
     def on_signal(signum, _frame):  # preemption: finish the step, save, exit
         stop["signal"] = signum
 
-    signal.signal(signal.SIGTERM, on_signal)
+    previous_handler = signal.signal(signal.SIGTERM, on_signal)
     writer = MetricWriter(workdir) if is_main else None
     progress = Progress(total_steps, start_step)
     last_ckpt_time = time.time()
     log_every = config.training.log_every_steps
-    step, metrics, t_log = start_step, None, time.time()
+    step, scalars, t_log = start_step, {}, time.time()
     images_since_log = 0
-    while step < total_steps:
+    while step < end_step:
         batch = update_step.shard_batch(next(batches), mesh)
         state, metrics = step_fn(state, batch)
         step += 1
         images_since_log += config.training.batch_size
-        if step % log_every == 0 or step == total_steps:
-            scalars = jax.device_get(metrics)
+        if step % log_every == 0 or step == end_step:
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not all(np.isfinite(v) for v in scalars.values()):
+                ckpt.close()
                 raise FloatingPointError(f"non-finite metrics at step {step}: {scalars}")
             now = time.time()
             scalars["images_per_sec"] = images_since_log / max(now - t_log, 1e-9)
@@ -117,20 +139,21 @@ def main(argv) -> None:
                          scalars["queue_fill"], scalars["learning_rate"])
         due = (step % config.training.checkpoint_every_steps == 0
                or time.time() - last_ckpt_time > 60 * config.training.checkpoint_every_minutes)
-        if due or stop["signal"] is not None or step == total_steps:
+        if due or stop["signal"] is not None or step == end_step:
             ckpt.save(step, state, meta, force=True)
             last_ckpt_time = time.time()
         if stop["signal"] is not None:
             logging.warning("signal %d: saved step %d, exiting", stop["signal"], step)
             break
     ckpt.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+    summary = dict(step=step, total_steps=total_steps, **scalars)
     if writer:
         writer.close()
-        summary = dict(step=step, total_steps=total_steps,
-                       **{k: float(v) for k, v in jax.device_get(metrics or {}).items()})
         with open(os.path.join(workdir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(json.dumps(summary, indent=2))
+    return summary
 
 
 def run() -> None:

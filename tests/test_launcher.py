@@ -1,0 +1,92 @@
+"""The launcher: config checks that name the field, a real tiny run, exact resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import tiny
+from semppl_jax import checkpointing, config_checks, main
+from tests.conftest import REPO
+
+METRIC_KEYS = {"step", "loss", "pseudo_label_accuracy", "semantic_positive_fraction", "queue_fill",
+               "learning_rate", "images_per_sec"}
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("training.batch_size", 36, "training.batch_size: 36 is not divisible by the 8 devices"),
+    ("semppl.knn_k", 500, "semppl.knn_k"),
+    ("semppl.num_negatives", 32, "semppl.num_negatives"),
+    ("model.depth", "resnet7", "model.depth"),
+    ("training.compute_dtype", "float16", "training.compute_dtype"),
+])
+def test_bad_values_stop_at_start_naming_the_field(field, value, match):
+    config = tiny.get_config()
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(config_checks.ConfigError, match=match):
+        config_checks.validate(config, num_devices=8)
+
+
+def test_unknown_override_names_the_field():
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv)
+    with pytest.raises(Exception, match="no_such_field"):
+        fv(["prog", f"--config={REPO}/experiments/tiny.py", "--config.semppl.no_such_field=1"])
+
+
+def test_tiny_run_writes_metrics_and_config(tmp_path):
+    config = tiny.get_config()
+    config.training.num_steps = 4
+    summary = main.train(config, str(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    for r in records:
+        assert METRIC_KEYS <= set(r) and all(np.isfinite(v) for v in r.values())
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["depth"] == "tiny"
+    assert summary["step"] == 4 and os.listdir(tmp_path / "tensorboard")
+
+
+def test_resume_after_stop_equals_straight_run(tmp_path):
+    """2N steps straight == N steps, process stops, run again to 2N: bit-identical."""
+    config = tiny.get_config()
+    config.training.update(num_steps=6, checkpoint_every_steps=100, log_every_steps=3)
+    main.train(config, str(tmp_path / "straight"))
+    main.train(config, str(tmp_path / "resumed"), stop_after=3)
+    assert checkpointing.Checkpointer(str(tmp_path / "resumed" / "checkpoints"), 3).latest_step() == 3
+    main.train(config, str(tmp_path / "resumed"))
+    a, step_a = checkpointing.restore_state(str(tmp_path / "straight"), config)
+    b, step_b = checkpointing.restore_state(str(tmp_path / "resumed"), config)
+    assert step_a == step_b == 6
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_refuses_a_changed_architecture(tmp_path):
+    config = tiny.get_config()
+    config.training.num_steps = 2
+    main.train(config, str(tmp_path))
+    config.model.projection_size = 16
+    with pytest.raises(ValueError, match="model.projection_size"):
+        main.train(config, str(tmp_path))
+
+
+def test_command_line_run_on_eight_devices(tmp_path):
+    # Same program as test_tiny_run_writes_metrics_and_config: the compile cache serves it.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_DISABLE_MOST_OPTIMIZATIONS="true")
+    cmd = [sys.executable, "-m", "semppl_jax.main", "--config=experiments/tiny.py", f"--workdir={tmp_path}",
+           "--config.training.num_steps=4"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ETA" in out.stderr and (tmp_path / "metrics.jsonl").exists()
+    bad = subprocess.run(cmd[:-1] + ["--config.training.batch_size=30"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "config.training.batch_size: 30 is not divisible" in bad.stderr
