@@ -82,4 +82,17 @@ def base_config() -> ml_collections.ConfigDict:
         eval_max_examples=ml_collections.FieldReference(None, field_type=int),
         compute_dtype="float32",  # 'bfloat16' for mixed precision
     ))
+
+    # Evaluation (``experiments/eval.py`` sets the protocol's defaults).
+    c.eval = ml_collections.ConfigDict(dict(
+        protocol="finetune",  # 'finetune' | 'linear' | 'knn'
+        # Our workdir (its latest checkpoint) or a released-format pretrain.pkl;
+        # None: the --workdir's own checkpoint; 'scratch': random init (supervised baseline).
+        checkpoint=ml_collections.FieldReference(None, field_type=str),
+        train_on="labelled",  # 'labelled' subset (semi-supervised) or 'all' (linear protocol)
+        batch_size=256, num_epochs=30.0, base_lr=0.01, weight_decay=0.0, momentum=0.9,
+        crop_scale=(0.08, 1.0), flip=True,
+        knn_k=20, knn_temperature=0.07,
+        max_test_examples=ml_collections.FieldReference(None, field_type=int),
+    ))
     return c

@@ -82,9 +82,12 @@ def _stream(ds: tf.data.Dataset, seed: int, buffer: int) -> tf.data.Dataset:
 
 
 def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch: int, seed: int,
-                  process_index: int = 0, process_count: int = 1, start_step: int = 0) -> tf.data.Dataset:
+                  process_index: int = 0, process_count: int = 1, start_step: int = 0,
+                  only_labelled: bool = False) -> tf.data.Dataset:
     """Batches of ``{large [b,L,H,W,3], small [b,S,h,w,3], label, is_labelled,
-    image_id, true_label}`` for this process, starting at ``start_step``."""
+    image_id, true_label}`` for this process, starting at ``start_step``.
+
+    ``only_labelled`` keeps the labelled images alone (fine-tuning, baselines)."""
     if len(labelled) != source.num_examples:
         raise ValueError(f"labelled mask has {len(labelled)} entries for {source.num_examples} images")
     ds, per_process = _process_slice(source, process_index, process_count)
@@ -92,6 +95,8 @@ def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch
         raise ValueError(f"per-process batch {local_batch} exceeds the {per_process} training images "
                          f"of this process")
     ds = _with_labels(ds, labelled)
+    if only_labelled:
+        ds = ds.filter(lambda ex: ex["is_labelled"])
     seed = seed * 1000 + process_index
     buffer = min(config.dataset.shuffle_buffer, per_process)
     n_lab = config.dataset.labelled_per_batch

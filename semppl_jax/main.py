@@ -27,6 +27,9 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (automatic on TPU VMs and SLURM).")
 
 
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
+                          "train: pretrain/resume; eval: the config's eval.protocol; "
+                          "export: write WORKDIR/pretrain.pkl in the released format.")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None,
                                    "Stop (with a checkpoint) after this many steps of this run; "
                                    "for time-sliced schedulers. Rerun the command to continue.")
@@ -50,7 +53,66 @@ def main(argv) -> None:
                                    process_id=_PROCESS_ID.value)
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
-    train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
+    if _MODE.value == "train":
+        train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
+    elif _MODE.value == "eval":
+        evaluate(_CONFIG.value, _WORKDIR.value)
+    else:
+        export(_CONFIG.value, _WORKDIR.value)
+
+
+def export(config, workdir: str) -> str:
+    """Writes ``workdir/pretrain.pkl`` (released format) from the latest checkpoint."""
+    from semppl_jax import checkpointing
+    from semppl_jax import export as export_lib
+
+    state, step = checkpointing.restore_state(workdir, config)
+    path = export_lib.export_pretrain_pkl(state, os.path.join(workdir, "pretrain.pkl"))
+    logging.info("exported step %d to %s", step, path)
+    print(path)
+    return path
+
+
+def evaluate(config, workdir: str) -> dict:
+    """Runs ``config.eval.protocol``; writes and prints ``workdir/eval_results.json``."""
+    import jax
+
+    from semppl_jax import config_checks, datasets, evaluation, update_step
+
+    e, ds_cfg = config.eval, config.dataset
+    config_checks.validate(config, jax.device_count(), jax.process_count())
+    if e.batch_size % jax.device_count():
+        raise config_checks.ConfigError(f"config.eval.batch_size: {e.batch_size} is not divisible by the "
+                                        f"{jax.device_count()} devices")
+    train_source = datasets.load_source(ds_cfg.name, ds_cfg.train_split, ds_cfg.data_dir, ds_cfg.synthetic_size,
+                                        ds_cfg.synthetic_image_size, config.seed)
+    test_source = datasets.load_source(ds_cfg.name, ds_cfg.eval_split, ds_cfg.data_dir, ds_cfg.synthetic_size,
+                                       ds_cfg.synthetic_image_size, config.seed)
+    labelled = datasets.labelled_mask(train_source, ds_cfg.label_subset, ds_cfg.label_seed, ds_cfg.subset_cache_dir)
+    checkpoint = e.checkpoint or workdir
+    pretrained = None if checkpoint == "scratch" else evaluation.load_pretrained(checkpoint, config)
+    mesh = update_step.make_mesh()
+    if e.protocol == "knn":
+        if pretrained is None:
+            raise ValueError("config.eval.checkpoint: k-NN needs a pretrained encoder, not 'scratch'")
+        net = evaluation.make_classifier(config.model, train_source.num_classes, None)
+        size = config.views.eval_size
+        params, net_state = net.init(jax.random.key(0), jax.numpy.zeros((2, size, size, 3)), True)
+        params, net_state = update_step.replicate(evaluation.transplant(params, net_state, *pretrained), mesh)
+        result = evaluation.knn_eval(net, params, net_state, train_source, labelled, test_source, config, mesh,
+                                     e.max_test_examples)
+    else:
+        result = evaluation.train_classifier(config, train_source, labelled, test_source, mesh, pretrained,
+                                             e.protocol)
+    result = dict(protocol=e.protocol, checkpoint=checkpoint, **result)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        # The latest result, and one file per protocol so that several evaluations coexist.
+        for name in ("eval_results.json", f"eval_results_{e.protocol}.json"):
+            with open(os.path.join(workdir, name), "w") as f:
+                json.dump(result, f, indent=2)
+        print(json.dumps(result, indent=2))
+    return result
 
 
 def train(config, workdir: str, stop_after: int | None = None) -> dict:

@@ -1,0 +1,39 @@
+"""Evaluation presets: ``eval.py:<protocol>,<preset>[,<preset arg>...]``.
+
+``protocol``: ``finetune`` (encoder + new head on the labelled subset: the
+paper's headline), ``linear`` (frozen encoder, BN in inference mode, head on the
+whole train split: the released evaluation's recipe), ``knn`` (weighted k-NN,
+k=20, T=0.07, labelled subset as support). ``preset`` is the pretraining
+preset whose model and data it evaluates (``tiny``, ``mnist5k``, ``imagenet``),
+e.g. ``eval.py:finetune,imagenet,resnet50,1pct`` or ``eval.py:knn,mnist5k,0.1``.
+Point ``--config.eval.checkpoint`` at a workdir or a ``pretrain.pkl``.
+"""
+
+import importlib
+
+PROTOCOLS = ("finetune", "linear", "knn")
+
+
+def get_config(arg: str | None = "finetune,tiny"):
+    parts = (arg or "finetune,tiny").split(",")
+    protocol, preset = parts[0], (parts[1] if len(parts) > 1 else "tiny")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"eval.py: protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    module = importlib.import_module(f"experiments.{preset}")
+    c = module.get_config(",".join(parts[2:]) or None)
+    e = c.eval
+    e.protocol = protocol
+    if protocol == "linear":
+        # The released SemPPL evaluation: SGD Nesterov 0.9, batch 1024, LR 0.3 x B/256,
+        # cosine, no weight decay, 100 epochs, whole train split.
+        e.update(dict(train_on="all", batch_size=1024, base_lr=0.3, num_epochs=100.0, weight_decay=0.0))
+    elif protocol == "finetune":
+        # Best reading (semi-supervised fine-tuning as in BYOL/SimCLRv2): SGD Nesterov,
+        # small LR, no weight decay, on the labelled subset alone.
+        e.update(dict(train_on="labelled", batch_size=1024, base_lr=0.01, num_epochs=30.0, weight_decay=0.0))
+    if preset == "tiny":
+        e.update(dict(batch_size=32, num_epochs=2.0, crop_scale=(0.3, 1.0)))
+    elif preset == "mnist5k":
+        e.update(dict(batch_size=128, base_lr=0.05 if protocol == "finetune" else 0.4, num_epochs=30.0
+                      if protocol == "finetune" else 10.0, crop_scale=(0.5, 1.0), flip=False))
+    return c

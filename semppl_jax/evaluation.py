@@ -1,0 +1,264 @@
+"""The three evaluation protocols: fine-tune (the paper's headline), linear, k-NN.
+
+All start from pretrained encoder weights, ours (a workdir's checkpoint) or a
+released-format ``pretrain.pkl``, or from scratch (the supervised baseline).
+Training steps are per replica and sharded like the pretraining step; test
+metrics are psum-ed counts over padded, masked batches, so every test example
+counts exactly once whatever the device and process layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
+
+from semppl_jax import augment, datasets, input_pipeline, networks, update_step
+from semppl_jax.update_step import AXIS
+
+HEAD = "eval_head"
+
+
+class ClassifierState(NamedTuple):
+    params: hk.Params
+    net_state: hk.State
+    opt_state: optax.OptState
+    step: jax.Array
+    rng: jax.Array
+
+
+def make_classifier(model_cfg: Any, num_classes: int, axis_name: str | None) -> hk.TransformedWithState:
+    """Encoder (same module names as pretraining) + a new linear head."""
+    bn = dict(networks.BN_DEFAULTS, decay_rate=model_cfg.bn_decay, cross_replica_axis=axis_name)
+
+    def forward(images: jax.Array, is_training: bool, frozen: bool = False):
+        encoder = networks.make_encoder(model_cfg.depth, model_cfg.width_multiplier, model_cfg.resnet_v2,
+                                        model_cfg.sk_ratio, bn)
+        emb = encoder(images, is_training and not frozen)
+        if frozen:
+            emb = jax.lax.stop_gradient(emb)
+        return emb, hk.Linear(num_classes, name=HEAD)(emb)
+
+    return hk.transform_with_state(forward)
+
+
+def load_pretrained(checkpoint: str, config: Any) -> tuple[dict, dict]:
+    """Online params/state from our workdir (Orbax) or a released-format pickle."""
+    from semppl_jax import checkpointing, export
+
+    if checkpoint.endswith(".pkl") or os.path.exists(os.path.join(checkpoint, "pretrain.pkl")):
+        params, state, _ = export.load_pretrain_pkl(checkpoint)
+        return params, state
+    state, _ = checkpointing.restore_state(checkpoint, config)
+    return jax.device_get(state.online_params), jax.device_get(state.online_state)
+
+
+def transplant(params: dict, state: dict, pre_params: dict, pre_state: dict) -> tuple[dict, dict]:
+    """Copies every encoder module of the pretrained trees into ours; all must be there."""
+    params, state = dict(params), dict(state)
+    for tree, pre, what in ((params, pre_params, "parameter"), (state, pre_state, "state")):
+        for module in list(tree):
+            if module.startswith(HEAD):
+                continue
+            if module not in pre:
+                raise ValueError(f"pretrained {what}s lack module {module!r}: a different architecture? "
+                                 f"(it has e.g. {sorted(pre)[:3]})")
+            for name, value in tree[module].items():
+                got = np.asarray(pre[module][name])
+                if got.shape != value.shape:
+                    raise ValueError(f"pretrained {module}/{name} has shape {got.shape}, expected {value.shape}")
+            tree[module] = {n: jnp.asarray(pre[module][n], tree[module][n].dtype) for n in tree[module]}
+    return params, state
+
+
+def _flip_and_normalize(key: jax.Array, images: jax.Array, global_index: jax.Array, flip: bool) -> jax.Array:
+    x = images.astype(jnp.float32) / 255.0
+    if flip:
+        do = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)) < 0.5)(global_index)
+        x = jnp.where(do[:, None, None, None], x[:, :, ::-1], x)
+    return augment.normalize(x)
+
+
+def make_train_step(net: hk.TransformedWithState, optimizer: optax.GradientTransformation, frozen: bool,
+                    flip: bool):
+    def step(state: ClassifierState, batch: dict) -> tuple[ClassifierState, dict]:
+        b = batch["label"].shape[0]
+        global_index = jax.lax.axis_index(AXIS) * b + jnp.arange(b)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        x = _flip_and_normalize(key, batch["image"], global_index, flip)
+
+        def loss_fn(p):
+            (_, logits), net_state = net.apply(p, state.net_state, None, x, True, frozen)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(batch["label"], 0))
+            mask = (batch["label"] >= 0).astype(jnp.float32)
+            share, mean = update_step._global_mean(jnp.sum(ce * mask), jnp.sum(mask))
+            return share, (net_state, mean)
+
+        grads, (net_state, loss) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads = jax.lax.pmean(grads, AXIS)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return ClassifierState(params, net_state, opt_state, state.step + 1, state.rng), {"loss": loss}
+
+    return step
+
+
+def make_eval_step(net: hk.TransformedWithState):
+    def step(params, net_state, batch):
+        x = augment.preprocess_eval(batch["image"])
+        (emb, logits), _ = net.apply(params, net_state, None, x, False)
+        mask = batch["mask"]
+        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+        hit1 = (top5[:, 0] == batch["label"]) & mask
+        hit5 = jnp.any(top5 == batch["label"][:, None], axis=-1) & mask
+        sums = dict(top1=jnp.sum(hit1), top5=jnp.sum(hit5), count=jnp.sum(mask))
+        return jax.tree.map(lambda v: jax.lax.psum(v.astype(jnp.int32), AXIS), sums)
+
+    return step
+
+
+def make_embed_step(net: hk.TransformedWithState):
+    def step(params, net_state, batch):
+        (emb, _), _ = net.apply(params, net_state, None, augment.preprocess_eval(batch["image"]), False)
+        return emb, batch["label"], batch["mask"]
+
+    return step
+
+
+def _sharded(fn, mesh, in_specs, out_specs, donate=()):
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False),
+                   donate_argnums=donate)
+
+
+def _eval_batches(source: datasets.Source, config: Any, mesh, max_examples: int | None = None
+                  ) -> Iterator[dict]:
+    local_batch = config.eval.batch_size // jax.process_count()
+    ds = input_pipeline.eval_dataset(source, config, local_batch, jax.process_index(), jax.process_count(),
+                                     max_examples)
+    for batch in ds.as_numpy_iterator():
+        yield update_step.shard_batch(batch, mesh)
+
+
+def test_accuracy(net, params, net_state, source, config, mesh, max_examples=None) -> dict:
+    step = _sharded(make_eval_step(net), mesh, (P(), P(), P(AXIS)), P())
+    totals = dict(top1=0, top5=0, count=0)
+    for batch in _eval_batches(source, config, mesh, max_examples):
+        out = jax.device_get(step(params, net_state, batch))
+        totals = {k: totals[k] + int(out[k]) for k in totals}
+    n = max(totals["count"], 1)
+    return dict(top1=totals["top1"] / n, top5=totals["top5"] / n, num_examples=totals["count"])
+
+
+def embed(net, params, net_state, source, config, mesh, max_examples=None) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and labels of every (real) example of ``source``, gathered to the host."""
+    step = _sharded(make_embed_step(net), mesh, (P(), P(), P(AXIS)), (P(AXIS), P(AXIS), P(AXIS)))
+    embs, labels = [], []
+    for batch in _eval_batches(source, config, mesh, max_examples):
+        e, y, m = step(params, net_state, batch)
+        e, y, m = (np.asarray(multihost_utils.process_allgather(a, tiled=True)) for a in (e, y, m))
+        embs.append(e[m])
+        labels.append(y[m])
+    return np.concatenate(embs), np.concatenate(labels)
+
+
+def knn_classify(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray, num_classes: int,
+                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> np.ndarray:
+    """Weighted k-NN (weights exp(cos / T)); returns class scores [n_test, num_classes]."""
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    train_emb, test_emb = unit(train_emb.astype(np.float32)), unit(test_emb.astype(np.float32))
+    k = min(k, len(train_emb))
+    scores = np.zeros((len(test_emb), num_classes), np.float32)
+    for s in range(0, len(test_emb), chunk):
+        sims = test_emb[s:s + chunk] @ train_emb.T
+        idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        top = np.take_along_axis(sims, idx, axis=1)
+        w = np.exp(top / temperature)
+        np.add.at(scores[s:s + chunk], (np.arange(len(idx))[:, None], train_labels[idx]), w)
+    return scores
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    order = np.argsort(-scores, axis=1)[:, :5]
+    return float(np.mean(order[:, 0] == labels)), float(np.mean(np.any(order == labels[:, None], axis=1)))
+
+
+def knn_eval(net, params, net_state, train_source, labelled, test_source, config, mesh,
+             max_examples=None) -> dict:
+    """k-NN top-1/top-5 on the test split with the labelled subset as support."""
+    support = _subset_source(train_source, labelled)
+    train_emb, train_y = embed(net, params, net_state, support, config, mesh)
+    test_emb, test_y = embed(net, params, net_state, test_source, config, mesh, max_examples)
+    scores = knn_classify(train_emb, train_y, test_emb, test_source.num_classes, config.eval.knn_k,
+                          config.eval.knn_temperature)
+    top1, top5 = topk_accuracy(scores, test_y)
+    return dict(top1=top1, top5=top5, num_examples=int(len(test_y)), support_size=int(len(train_y)))
+
+
+def _subset_source(source: datasets.Source, mask: np.ndarray) -> datasets.Source:
+    import tensorflow as tf
+
+    keep = np.flatnonzero(mask)
+
+    mask_t = tf.constant(mask.astype(bool))
+    ds = source.dataset.filter(lambda ex: tf.gather(mask_t, ex["image_id"]))
+    return datasets.Source(ds, len(keep), source.num_classes, source.encoded,
+                           None if source.labels is None else source.labels[keep])
+
+
+def train_classifier(config: Any, train_source, labelled: np.ndarray, test_source, mesh,
+                     pretrained: tuple[dict, dict] | None, protocol: str) -> dict:
+    """Fine-tune (encoder + head) or linear (frozen encoder) training, then test accuracy."""
+    e = config.eval
+    frozen = protocol == "linear"
+    net = make_classifier(config.model, train_source.num_classes, AXIS)
+    init_net = make_classifier(config.model, train_source.num_classes, None)
+    size = config.views.eval_size
+    key = jax.random.key(config.seed + 17)
+    params, net_state = init_net.init(key, jnp.zeros((2, size, size, 3)), True)
+    if pretrained is not None:
+        params, net_state = transplant(params, net_state, *pretrained)
+    train_mask = labelled if e.train_on == "labelled" else np.ones_like(labelled)
+    num_train = int(train_mask.sum())
+    steps_per_epoch = max(1, num_train // e.batch_size)
+    total = int(math.ceil(e.num_epochs * steps_per_epoch))
+    lr = optax.cosine_decay_schedule(e.base_lr * e.batch_size / 256.0, max(total, 1))
+    tx = optax.chain(
+        optax.add_decayed_weights(e.weight_decay, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+        optax.sgd(lr, momentum=e.momentum, nesterov=True))
+    if frozen:  # only the head moves
+        labels_tree = {m: {n: ("head" if m.startswith(HEAD) else "frozen") for n in v} for m, v in params.items()}
+        tx = optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels_tree)
+    state = update_step.replicate(ClassifierState(params, net_state, tx.init(params), jnp.zeros((), jnp.int32),
+                                                  jax.random.key_data(key)), mesh)
+    step = _sharded(make_train_step(net, tx, frozen, config.eval.flip), mesh, (P(), P(AXIS)), (P(), P()), (0,))
+    view_cfg = copy.deepcopy(config)
+    view_cfg.views.update(dict(num_large=1, num_small=0, large_size=size, large_scale=tuple(e.crop_scale)))
+    view_cfg.dataset.labelled_per_batch = None
+    local_batch = e.batch_size // jax.process_count()
+    ds = input_pipeline.train_dataset(train_source, train_mask, view_cfg, local_batch, config.seed + 1,
+                                      jax.process_index(), jax.process_count(), only_labelled=True)
+    it = ds.as_numpy_iterator()
+    loss = float("nan")
+    for i in range(total):
+        b = next(it)
+        batch = update_step.shard_batch(dict(image=b["large"][:, 0], label=b["label"]), mesh)
+        state, m = step(state, batch)
+        if (i + 1) % max(1, total // 10) == 0 or i + 1 == total:
+            loss = float(jax.device_get(m["loss"]))
+            logging.info("%s [%d/%d] train loss %.4f", protocol, i + 1, total, loss)
+    result = test_accuracy(net, state.params, state.net_state, test_source, config, mesh)
+    result.update(train_loss=loss, train_examples=num_train, steps=total)
+    return result

@@ -1,0 +1,80 @@
+"""The released checkpoint format (``pretrain.pkl``): export from ours, import for evaluation.
+
+Format (``checkpoint_format.md``): a pickle of ``{"experiment_state": {...},
+"step": int}`` whose ``experiment_state`` holds Haiku mappings
+``online_params``/``online_state`` (and ``target_params``/``target_state``)
+with a leading replica axis of size 1 on every leaf, as plain numpy arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any
+
+import jax
+import numpy as np
+
+REQUIRED = ("online_params", "online_state")
+
+
+def _numpy_tree(tree: Any, add_replica_axis: bool) -> dict:
+    return {module: {name: (np.asarray(v)[None] if add_replica_axis else np.asarray(v))
+                     for name, v in values.items()}
+            for module, values in tree.items()}
+
+
+def export_pretrain_pkl(state: Any, path: str) -> str:
+    """Writes ``state`` (our TrainState) as a released-format pickle, atomically."""
+    experiment_state = {
+        "online_params": _numpy_tree(jax.device_get(state.online_params), True),
+        "online_state": _numpy_tree(jax.device_get(state.online_state), True),
+        "target_params": _numpy_tree(jax.device_get(state.target_params), True),
+        "target_state": _numpy_tree(jax.device_get(state.target_state), True),
+    }
+    payload = {"experiment_state": experiment_state, "step": int(jax.device_get(state.step))}
+    if os.path.isdir(path):
+        path = os.path.join(path, "pretrain.pkl")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(payload, f, protocol=4)
+    os.replace(tmp, path)
+    return path
+
+
+def load_pretrain_pkl(path: str) -> tuple[dict, dict, int]:
+    """Reads a released-format pickle -> (online params, online state, step), replica axis removed.
+
+    Accepts the file or its directory (the reference reader's ``<root>/pretrain.pkl``).
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, "pretrain.pkl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no released-format checkpoint at {path!r}")
+    try:
+        with open(path, "rb") as f:
+            payload = pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
+        raise ValueError(f"{path!r} is not a readable pretrain.pkl (truncated or corrupt?): {e!r}") from e
+    if not isinstance(payload, dict) or not isinstance(payload.get("experiment_state"), dict):
+        keys = list(payload)[:5] if isinstance(payload, dict) else "-"
+        raise ValueError(f"{path!r}: expected a dict with an 'experiment_state' dict "
+                         f"(found {type(payload).__name__}, keys {keys})")
+    exp = payload["experiment_state"]
+    missing = [k for k in REQUIRED if k not in exp]
+    if missing:
+        raise ValueError(f"{path!r}: experiment_state lacks {missing}")
+
+    def first_replica(tree: dict, what: str) -> dict:
+        out = {}
+        for module, values in tree.items():
+            out[module] = {}
+            for name, v in values.items():
+                arr = np.asarray(v)
+                if arr.ndim == 0:
+                    raise ValueError(f"{path!r}: {what} {module}/{name} has no leading replica axis")
+                out[module][name] = arr[0]
+        return out
+
+    return (first_replica(exp["online_params"], "parameter"), first_replica(exp["online_state"], "state"),
+            int(payload.get("step", 0)))

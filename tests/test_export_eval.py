@@ -1,0 +1,130 @@
+"""Released-format export/import, and the evaluation protocols' arithmetic."""
+
+import json
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import eval as eval_presets
+from experiments import tiny
+from semppl_jax import datasets, evaluation, export, update_step
+from tests.conftest import SHARED
+
+MANIFEST = SHARED / "reference" / "official_param_manifest.json"
+
+
+def released_shaped_state():
+    """The tiny ResNet with the released heads (4096/256) and a 1000-class probe."""
+    config = tiny.get_config()
+    config.model.update(projector_hidden_size=4096, predictor_hidden_size=4096, projection_size=256)
+    return config, update_step.init_state(config, jax.random.key(0), 1000, 10, 1)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    config, state = released_shaped_state()
+    path = export.export_pretrain_pkl(state, str(tmp_path_factory.mktemp("export")))
+    return config, state, path
+
+
+@pytest.mark.skipif(not MANIFEST.exists(), reason="needs ../shared/reference")
+def test_export_matches_manifest_and_format(exported):
+    _, _, path = exported
+    with open(path, "rb") as f:
+        payload = pickle.load(f)
+    exp = payload["experiment_state"]
+    assert set(exp) >= {"online_params", "online_state", "target_params", "target_state"}
+    assert isinstance(payload["step"], int)
+    manifest = json.loads(MANIFEST.read_text())["TinyResNet_1x"]
+    params = {f"{m}/{n}": list(v.shape[1:]) for m, d in exp["online_params"].items() for n, v in d.items()}
+    state = {f"{m}/{n}": [list(v.shape[1:]), str(v.dtype)] for m, d in exp["online_state"].items()
+             for n, v in d.items()}
+    assert params == manifest["params"] and state == manifest["state"]
+    for tree in exp.values():
+        for d in tree.values():
+            for v in d.values():
+                assert type(v) is np.ndarray and v.shape[0] == 1  # plain numpy, replica axis of 1
+
+
+def test_export_import_round_trip_is_bit_exact(exported):
+    _, state, path = exported
+    params, net_state, step = export.load_pretrain_pkl(path)
+    assert step == 0
+    for ours, theirs in ((state.online_params, params), (state.online_state, net_state)):
+        flat_a, flat_b = jax.tree.leaves_with_path(ours), jax.tree.leaves_with_path(theirs)
+        assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+        for (_, a), (_, b) in zip(flat_a, flat_b):
+            assert np.asarray(a).dtype == b.dtype and np.array_equal(np.asarray(a), b)
+
+
+def test_corrupt_truncated_and_missing_files_give_clear_errors(exported, tmp_path):
+    _, _, path = exported
+    data = open(path, "rb").read()
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        export.load_pretrain_pkl(str(truncated))
+    garbage = tmp_path / "garbage.pkl"
+    garbage.write_bytes(b"not a pickle at all")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        export.load_pretrain_pkl(str(garbage))
+    wrong = tmp_path / "wrong.pkl"
+    wrong.write_bytes(pickle.dumps({"params": {}}))
+    with pytest.raises(ValueError, match="experiment_state"):
+        export.load_pretrain_pkl(str(wrong))
+    with pytest.raises(FileNotFoundError):
+        export.load_pretrain_pkl(str(tmp_path / "nowhere" / "pretrain.pkl"))
+
+
+def test_evaluation_starts_from_a_released_pickle(exported):
+    config, state, path = exported
+    pre_params, pre_state = evaluation.load_pretrained(path, config)
+    net = evaluation.make_classifier(config.model, 10, None)
+    params, net_state = net.init(jax.random.key(5), jnp.zeros((2, 32, 32, 3)), True)
+    params, net_state = evaluation.transplant(params, net_state, pre_params, pre_state)
+    conv = "tiny_res_net/~/initial_conv"
+    np.testing.assert_array_equal(params[conv]["w"], state.online_params[conv]["w"])
+    assert params[evaluation.HEAD]["w"].shape == (8, 10)
+    other = tiny.get_config()
+    other.model.depth = "resnet18"
+    net18 = evaluation.make_classifier(other.model, 10, None)
+    p18, s18 = jax.eval_shape(lambda: net18.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), True))
+    with pytest.raises(ValueError, match="different architecture"):
+        evaluation.transplant(p18, s18, pre_params, pre_state)
+
+
+def test_weighted_knn_matches_a_plain_loop():
+    rng = np.random.default_rng(0)
+    train, train_y = rng.normal(size=(50, 6)), rng.integers(0, 4, 50)
+    test = rng.normal(size=(7, 6))
+    scores = evaluation.knn_classify(train, train_y, test, 4, k=5, temperature=0.1, chunk=3)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    for i, q in enumerate(unit(test)):
+        sims = unit(train) @ q
+        ref = np.zeros(4)
+        for j in np.argsort(-sims)[:5]:
+            ref[train_y[j]] += np.exp(sims[j] / 0.1)
+        np.testing.assert_allclose(scores[i], ref, rtol=1e-5)
+
+
+def test_every_test_example_counted_once_on_eight_devices():
+    """70 test images, batches of 16 over 8 devices: the padded tail is masked."""
+    config = eval_presets.get_config("knn,tiny")
+    config.eval.batch_size = 16
+    source = datasets.load_source("synthetic", "test", synthetic_size=280)
+    assert source.num_examples == 70
+    mesh = update_step.make_mesh()
+    net = evaluation.make_classifier(config.model, 10, None)
+    params, net_state = net.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), True)
+    params, net_state = update_step.replicate((params, net_state), mesh)
+    result = evaluation.test_accuracy(net, params, net_state, source, config, mesh)
+    assert result["num_examples"] == 70
+    emb, labels = evaluation.embed(net, params, net_state, source, config, mesh)
+    assert emb.shape[0] == 70 and np.array_equal(np.sort(labels), np.sort(source.labels))
+    # Top-1 by hand from the gathered embeddings and the head equals the sharded count.
+    head = jax.device_get(params)[evaluation.HEAD]
+    logits = emb @ np.asarray(head["w"]) + np.asarray(head["b"])
+    assert result["top1"] == pytest.approx(np.mean(np.argmax(logits, -1) == labels), abs=1e-9)
