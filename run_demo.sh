@@ -5,4 +5,4 @@ set -euo pipefail
 source "$(dirname "$0")/scripts/setup_env.sh"
 WORKDIR="${WORKDIR:-workdir_demo}"
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=2}"
-python -m semppl_jax.main --config=experiments/mnist5k.py --workdir="$WORKDIR" "$@"
+python -m semppl_jax.demo --workdir="$WORKDIR" "$@"

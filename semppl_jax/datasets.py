@@ -16,6 +16,8 @@ import numpy as np
 import tensorflow as tf
 
 SUBSET_FILES = {"1pct": "1percent.txt", "10pct": "10percent.txt"}
+# The checkout's sibling shared/ folder holds copies of SimCLR's lists.
+DEFAULT_SUBSET_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagenet_subsets")
 SIMCLR_SUBSET_URL = ("https://raw.githubusercontent.com/google-research/simclr/master/"
                      "imagenet_subsets/{}")
 
@@ -100,22 +102,29 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
             raise FileNotFoundError(f"dataset.name={name!r}: no such directory {root!r}")
         builder = tfds.ImageFolder(root)
         if split not in builder.info.splits:
-            raise ValueError(f"{root!r} has splits {sorted(builder.info.splits)}, not {split!r}")
+            raise ValueError(f"image folder {root!r} has splits {sorted(builder.info.splits)}, not {split!r} "
+                             f"(expected {root}/{split}/<class>/*.jpg)")
         ds = builder.as_dataset(split=split, shuffle_files=False,
                                 decoders={"image": tfds.decode.SkipDecoding()})
         name_key = "image/filename"
     else:
         builder = tfds.builder(name, data_dir=data_dir)
-        if not builder.is_prepared():
+        try:
+            ds = builder.as_dataset(split=split, shuffle_files=False,
+                                    decoders={"image": tfds.decode.SkipDecoding()})
+        except AssertionError as e:  # TFDS's way of saying "not prepared"
             raise FileNotFoundError(
                 f"TFDS dataset {name!r} is not prepared under data_dir={data_dir!r}; prepare it with "
-                f"`tfds build {name} --data_dir=...` (ImageNet needs its tarballs in the manual dir).")
-        ds = builder.as_dataset(split=split, shuffle_files=False,
-                                decoders={"image": tfds.decode.SkipDecoding()})
+                f"`tfds build {name} --data_dir=...` (ImageNet needs its tarballs in the manual dir).") from e
         name_key = "file_name" if "file_name" in builder.info.features else None
     info = builder.info
-    num_examples = info.splits[split].num_examples
     num_classes = info.features["label"].num_classes
+    try:  # also resolves sliced splits such as 'train[10000:]'
+        num_examples = info.splits[split].num_examples
+    except (KeyError, ValueError):
+        num_examples = 0
+    if not num_examples:  # split metadata unknown (e.g. mocked data): count once
+        num_examples = int(ds.reduce(0, lambda n, _: n + 1).numpy())
 
     def convert(index, ex):
         file_name = ex[name_key] if name_key else tf.strings.as_string(index)
@@ -133,9 +142,7 @@ def resolve_subset_file(spec: str, cache_dir: str | None) -> str:
     """'1pct'/'10pct' -> a local copy of SimCLR's list (never downloaded implicitly)."""
     fname = SUBSET_FILES[spec]
     candidates = [os.path.join(d, fname) for d in
-                  (cache_dir, os.environ.get("SEMPPL_SUBSET_DIR"),
-                   os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagenet_subsets"))
-                  if d]
+                  (cache_dir, os.environ.get("SEMPPL_SUBSET_DIR"), DEFAULT_SUBSET_DIR) if d]
     for path in candidates:
         if os.path.exists(path):
             return path

@@ -262,3 +262,24 @@ def train_classifier(config: Any, train_source, labelled: np.ndarray, test_sourc
     result = test_accuracy(net, state.params, state.net_state, test_source, config, mesh)
     result.update(train_loss=loss, train_examples=num_train, steps=total)
     return result
+
+
+class OnlineKnn:
+    """k-NN top-1 of the current online encoder during pretraining (a monitor)."""
+
+    def __init__(self, config: Any, train_source, labelled: np.ndarray, mesh):
+        ds_cfg = config.dataset
+        self._config, self._train, self._labelled, self._mesh = config, train_source, labelled, mesh
+        self._test = datasets.load_source(ds_cfg.name, ds_cfg.eval_split, ds_cfg.data_dir, ds_cfg.synthetic_size,
+                                          ds_cfg.synthetic_image_size, config.seed)
+        self._net = make_classifier(config.model, train_source.num_classes, None)
+        size = config.views.eval_size
+        params, _ = jax.eval_shape(lambda: self._net.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), True))
+        self._head = {HEAD: {n: jnp.zeros(v.shape, v.dtype) for n, v in params[HEAD].items()}}
+
+    def __call__(self, online_params: dict, online_state: dict) -> dict:
+        params = {m: v for m, v in online_params.items() if m not in ("projector", "predictor", "classifier")}
+        params.update(update_step.replicate(self._head, self._mesh))
+        result = knn_eval(self._net, params, online_state, self._train, self._labelled, self._test, self._config,
+                          self._mesh, self._config.training.eval_max_examples)
+        return {"knn_top1": result["top1"], "knn_top5": result["top5"]}

@@ -78,7 +78,8 @@ def _with_labels(ds: tf.data.Dataset, labelled: np.ndarray) -> tf.data.Dataset:
 
 
 def _stream(ds: tf.data.Dataset, seed: int, buffer: int) -> tf.data.Dataset:
-    return ds.repeat().shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    """Endless, each epoch a fresh (seeded) shuffle: every image once an epoch."""
+    return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
 
 
 def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch: int, seed: int,
@@ -132,7 +133,7 @@ def _fixed_labelled_mix(ds: tf.data.Dataset, labelled: np.ndarray, per_global_ba
 
     The labelled stream cycles over classes (one class after another, each
     class's images shuffled and repeated), so every batch holds a near-equal
-    number of images of each class; the rest of the batch is the natural stream.
+    number of images of each class; the rest of the batch are unlabelled images.
     """
     if per_global_batch % process_count:
         raise ValueError(f"dataset.labelled_per_batch={per_global_batch} is not divisible by the "
@@ -148,7 +149,8 @@ def _fixed_labelled_mix(ds: tf.data.Dataset, labelled: np.ndarray, per_global_ba
         raise ValueError("dataset.labelled_per_batch is set but this process has no labelled image")
     order = tf.data.Dataset.range(len(per_class)).repeat()
     labelled_stream = tf.data.Dataset.choose_from_datasets(list(per_class.values()), order)
-    everything = _stream(ds, seed, buffer)
+    # The rest of the batch: unlabelled images only, so the labelled count is exact.
+    everything = _stream(ds.filter(lambda ex: tf.logical_not(ex["is_labelled"])), seed, buffer)
     # Within each batch: labelled slots spread evenly (index 0 = labelled stream).
     slots = np.ones(local_batch, np.int64)
     slots[np.round(np.linspace(0, local_batch - 1, n_lab)).astype(int)] = 0

@@ -12,7 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import tiny
-from semppl_jax import checkpointing, config_checks, main
+from semppl_jax import checkpointing, config_checks, jobs
 from tests.conftest import REPO
 
 METRIC_KEYS = {"step", "loss", "pseudo_label_accuracy", "semantic_positive_fraction", "queue_fill",
@@ -44,7 +44,7 @@ def test_unknown_override_names_the_field():
 def test_tiny_run_writes_metrics_and_config(tmp_path):
     config = tiny.get_config()
     config.training.num_steps = 4
-    summary = main.train(config, str(tmp_path))
+    summary = jobs.train(config, str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
     for r in records:
@@ -57,10 +57,10 @@ def test_resume_after_stop_equals_straight_run(tmp_path):
     """2N steps straight == N steps, process stops, run again to 2N: bit-identical."""
     config = tiny.get_config()
     config.training.update(num_steps=6, checkpoint_every_steps=100, log_every_steps=3)
-    main.train(config, str(tmp_path / "straight"))
-    main.train(config, str(tmp_path / "resumed"), stop_after=3)
+    jobs.train(config, str(tmp_path / "straight"))
+    jobs.train(config, str(tmp_path / "resumed"), stop_after=3)
     assert checkpointing.Checkpointer(str(tmp_path / "resumed" / "checkpoints"), 3).latest_step() == 3
-    main.train(config, str(tmp_path / "resumed"))
+    jobs.train(config, str(tmp_path / "resumed"))
     a, step_a = checkpointing.restore_state(str(tmp_path / "straight"), config)
     b, step_b = checkpointing.restore_state(str(tmp_path / "resumed"), config)
     assert step_a == step_b == 6
@@ -71,10 +71,10 @@ def test_resume_after_stop_equals_straight_run(tmp_path):
 def test_resume_refuses_a_changed_architecture(tmp_path):
     config = tiny.get_config()
     config.training.num_steps = 2
-    main.train(config, str(tmp_path))
+    jobs.train(config, str(tmp_path))
     config.model.projection_size = 16
     with pytest.raises(ValueError, match="model.projection_size"):
-        main.train(config, str(tmp_path))
+        jobs.train(config, str(tmp_path))
 
 
 def test_command_line_run_on_eight_devices(tmp_path):

@@ -1,0 +1,172 @@
+"""Input pipelines: the JPEG path (mock ImageNet), image folders, label subsets,
+batch composition, determinism/resume and evaluation counting. Offline."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from experiments import tiny
+from semppl_jax import datasets, input_pipeline
+
+
+def small_views(config):
+    config.views.update(dict(num_large=2, large_size=24, num_small=1, small_size=12, eval_resize=28,
+                             eval_size=24))
+    return config
+
+
+def take(ds, n):
+    return [b for _, b in zip(range(n), ds.as_numpy_iterator())]
+
+
+@pytest.fixture(scope="module")
+def mock_imagenet():
+    with tfds.testing.mock_data(num_examples=24):
+        source = datasets.load_source("imagenet2012", "train")
+        names = datasets._collect(source, "file_name")
+        yield source, [n.decode() for n in names]
+
+
+def test_mock_imagenet_through_the_jpeg_path(mock_imagenet, tmp_path):
+    source, names = mock_imagenet
+    assert source.encoded and source.num_examples == 24 and source.num_classes == 1000
+    subset = tmp_path / "subset.txt"
+    subset.write_text("\n".join(names[:5]) + "\n")
+    labelled = datasets.labelled_mask(source, str(subset), 0)
+    assert labelled.sum() == 5
+    config = small_views(tiny.get_config())
+    batch = take(input_pipeline.train_dataset(source, labelled, config, 8, seed=0), 3)[0]
+    assert batch["large"].shape == (8, 2, 24, 24, 3) and batch["large"].dtype == np.uint8
+    assert batch["small"].shape == (8, 1, 12, 12, 3)
+    assert np.all((batch["label"] == -1) == ~batch["is_labelled"])
+    lab = batch["is_labelled"]
+    assert np.array_equal(batch["label"][lab], batch["true_label"][lab])
+    assert np.array_equal(labelled[batch["image_id"]], lab)  # flag follows the file-name list
+    assert batch["large"].std() > 0  # real pixels, not padding
+
+
+def test_a_list_that_matches_no_image_is_an_error(mock_imagenet, tmp_path):
+    source, names = mock_imagenet
+    subset = tmp_path / "wrong.txt"
+    subset.write_text("n00000000_1.JPEG\nn00000000_2.JPEG\n" + names[0] + "\n")
+    with pytest.raises(ValueError, match="1 of its 3 file names match"):
+        datasets.labelled_mask(source, str(subset), 0)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        datasets.labelled_mask(source, str(tmp_path / "missing.txt"), 0)
+
+
+def test_imagenet_1pct_list_resolves_from_the_shared_cache(mock_imagenet):
+    path = datasets.resolve_subset_file("1pct", None)
+    assert len(datasets.read_subset_list(path)) == 12811
+    source, _ = mock_imagenet
+    with pytest.raises(ValueError, match="0 of its 12811 file names match"):
+        datasets.labelled_mask(source, "1pct", 0)
+
+
+def test_missing_subset_list_says_where_to_put_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(datasets, "DEFAULT_SUBSET_DIR", str(tmp_path))
+    monkeypatch.delenv("SEMPPL_SUBSET_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match="10percent.txt not found.*subset_cache_dir"):
+        datasets.resolve_subset_file("10pct", str(tmp_path / "cache"))
+
+
+def make_image_folder(root, per_class=6, classes=("cat", "dog", "eel")):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for ci, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                img = np.full((30 + i, 26 + 2 * i, 3), 40 * ci, np.uint8) + rng.integers(0, 30, (30 + i, 26 + 2 * i, 3),
+                                                                                         dtype=np.uint8)
+                (d / f"{c}_{i}.jpg").write_bytes(tf.io.encode_jpeg(img).numpy())
+    return root
+
+
+def test_image_folder_same_code_path(tmp_path):
+    root = make_image_folder(tmp_path / "imgs")
+    source = datasets.load_source(f"folder:{root}", "train")
+    assert source.encoded and source.num_examples == 18 and source.num_classes == 3
+    labelled = datasets.labelled_mask(source, "0.34", 0)  # 2 of 6 per class
+    true = datasets._collect(source, "true_label")
+    assert np.bincount(true[labelled], minlength=3).tolist() == [2, 2, 2]
+    config = small_views(tiny.get_config())
+    batch = take(input_pipeline.train_dataset(source, labelled, config, 6, seed=1), 1)[0]
+    assert batch["large"].shape == (6, 2, 24, 24, 3)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        datasets.load_source(f"folder:{tmp_path}/nope", "train")
+    with pytest.raises(ValueError, match="has splits"):
+        datasets.load_source(f"folder:{root}", "validation")
+
+
+def test_stratified_fraction_counts():
+    labels = np.repeat(np.arange(5), [10, 20, 30, 40, 100])
+    mask = datasets.stratified_subset(labels, 0.1, seed=3)
+    assert np.bincount(labels[mask]).tolist() == [1, 2, 3, 4, 10]
+    assert not np.array_equal(mask, datasets.stratified_subset(labels, 0.1, seed=4))
+    assert datasets.stratified_subset(labels, 0.001, 0).sum() == 5  # at least one a class
+    with pytest.raises(ValueError):
+        datasets.stratified_subset(labels, 1.5, 0)
+
+
+def test_fixed_number_of_labelled_images_per_batch_class_stratified():
+    config = small_views(tiny.get_config())
+    config.dataset.labelled_per_batch = 10
+    source = datasets.load_source("synthetic", "train", synthetic_size=200, synthetic_image_size=28)
+    labelled = datasets.labelled_mask(source, "0.1", 0)  # 2 a class
+    batches = take(input_pipeline.train_dataset(source, labelled, config, 20, seed=0), 4)
+    counts = np.zeros(10, int)
+    for b in batches:
+        assert b["is_labelled"].sum() == 10
+        counts += np.bincount(b["label"][b["is_labelled"]], minlength=10)
+    assert counts.tolist() == [4] * 10  # 40 labelled draws: every class exactly 4 times
+
+
+def test_same_seed_same_batches_and_resume_mid_stream():
+    config = small_views(tiny.get_config())
+    source = datasets.load_source("synthetic", "train", synthetic_size=64, synthetic_image_size=28)
+    labelled = datasets.labelled_mask(source, "0.25", 0)
+    a = take(input_pipeline.train_dataset(source, labelled, config, 16, seed=7), 6)
+    b = take(input_pipeline.train_dataset(source, labelled, config, 16, seed=7), 6)
+    resumed = take(input_pipeline.train_dataset(source, labelled, config, 16, seed=7, start_step=4), 2)
+    other = take(input_pipeline.train_dataset(source, labelled, config, 16, seed=8), 1)
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    for x, y in zip(a[4:], resumed):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert not np.array_equal(a[0]["large"], other[0]["large"])
+    # An epoch covers every image once (64 images = 4 batches of 16).
+    assert sorted(np.concatenate([x["image_id"] for x in a[:4]]).tolist()) == list(range(64))
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_eval_sees_every_example_exactly_once(processes):
+    config = small_views(tiny.get_config())
+    source = datasets.load_source("synthetic", "test", synthetic_size=280, synthetic_image_size=28)
+    assert source.num_examples == 70
+    seen, sizes = [], set()
+    for p in range(processes):
+        for b in input_pipeline.eval_dataset(source, config, 16, p, processes).as_numpy_iterator():
+            sizes.add(b["image"].shape)
+            seen.extend(b["image_id"][b["mask"]].tolist())
+            assert (b["image_id"][~b["mask"]] == -1).all()
+    assert sorted(seen) == list(range(70)) and sizes == {(16, 24, 24, 3)}
+
+
+def test_batch_larger_than_the_data_is_an_error():
+    config = small_views(tiny.get_config())
+    source = datasets.load_source("synthetic", "train", synthetic_size=16, synthetic_image_size=28)
+    with pytest.raises(ValueError, match="exceeds the 16 training images"):
+        input_pipeline.train_dataset(source, np.zeros(16, bool), config, 32, seed=0)
+
+
+def test_mnist5k_is_real_and_split_fixed():
+    train = datasets.load_source("mnist5k", "train")
+    test = datasets.load_source("mnist5k", "test")
+    assert train.num_examples == 4000 and test.num_examples == 1000
+    assert np.bincount(train.labels).tolist() == [400] * 10
+    first = next(train.dataset.as_numpy_iterator())["image"]
+    assert first.shape == (28, 28, 3) and first.max() > 200 and (first == 0).mean() > 0.5  # a digit on black
