@@ -38,11 +38,13 @@ class ClassifierState(NamedTuple):
     rng: jax.Array
 
 
-def make_classifier(model_cfg: Any, num_classes: int, axis_name: str | None) -> hk.TransformedWithState:
+def make_classifier(model_cfg: Any, num_classes: int, axis_name: str | None,
+                    compute_dtype: str = "float32") -> hk.TransformedWithState:
     """Encoder (same module names as pretraining) + a new linear head."""
     bn = dict(networks.BN_DEFAULTS, decay_rate=model_cfg.bn_decay, cross_replica_axis=axis_name)
 
     def forward(images: jax.Array, is_training: bool, frozen: bool = False):
+        networks.set_compute_dtype(compute_dtype)
         encoder = networks.make_encoder(model_cfg.depth, model_cfg.width_multiplier, model_cfg.resnet_v2,
                                         model_cfg.sk_ratio, bn)
         emb = encoder(images, is_training and not frozen)

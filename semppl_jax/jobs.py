@@ -25,6 +25,24 @@ class QuietOrbax(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
+def memory_report(compiled) -> str:
+    """Per-device memory of a compiled step (XLA's memory analysis), for a fits-or-not
+    answer before the first step. Not every backend reports it."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception as e:  # noqa: BLE001 - a backend without the analysis must not stop training
+        return f"memory analysis unavailable ({type(e).__name__})"
+    if m is None:
+        return "memory analysis unavailable on this backend"
+    gib = 1024 ** 3
+    args, out, temp = m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes
+    alias = getattr(m, "alias_size_in_bytes", 0)
+    total = args + out + temp - alias
+    return (f"per-device memory: arguments {args / gib:.3f} GiB, outputs {out / gib:.3f} GiB, "
+            f"temporaries {temp / gib:.3f} GiB, aliased (donated) {alias / gib:.3f} GiB; "
+            f"peak about {total / gib:.3f} GiB")
+
+
 def export(config, workdir: str) -> str:
     """Writes ``workdir/pretrain.pkl`` (released format) from the latest checkpoint."""
     from semppl_jax import checkpointing
@@ -145,9 +163,15 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
     log_every = config.training.log_every_steps
     step, scalars, t_log = start_step, {}, time.time()
     images_since_log = 0
+    compiled = None
     while step < end_step:
         batch = update_step.shard_batch(next(batches), mesh)
-        state, metrics = step_fn(state, batch)
+        if compiled is None:  # compile once, explicitly, to report memory before the first step
+            t_compile = time.time()
+            compiled = step_fn.lower(state, batch).compile()
+            logging.info("compiled the update step in %.1fs; %s", time.time() - t_compile,
+                         memory_report(compiled))
+        state, metrics = compiled(state, batch)
         step += 1
         images_since_log += config.training.batch_size
         eval_due = bool(eval_every) and (step % eval_every == 0 or step == total_steps)

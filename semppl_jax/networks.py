@@ -253,8 +253,27 @@ def make_encoder(depth: str, width_multiplier: int, resnet_v2: bool, sk_ratio: f
                   name=MODULE_NAMES[depth])
 
 
-def make_network(model_config: Any, num_classes: int, cross_replica_axis: str | None
-                 ) -> hk.TransformedWithState:
+def set_compute_dtype(compute_dtype: str) -> None:
+    """Mixed precision via Haiku's per-class policies: convolutions and linears
+    compute in ``compute_dtype`` with float32 parameters; BatchNorm (statistics
+    and EMAs) and every module output stay float32, so losses, softmaxes and the
+    queue see float32. ``'float32'`` clears the policies."""
+    import jmp
+
+    classes = (ResNet, MLP, SelectiveKernelConv, Block, BlockGroup)
+    if compute_dtype == "float32":
+        for cls in classes + (hk.BatchNorm,):
+            hk.mixed_precision.clear_policy(cls)
+        return
+    half = jmp.get_policy(f"params=float32,compute={compute_dtype},output=float32")
+    for cls in classes:
+        hk.mixed_precision.set_policy(cls, half)
+    hk.mixed_precision.set_policy(hk.BatchNorm, jmp.get_policy("params=float32,compute=float32,output="
+                                                               f"{compute_dtype}"))
+
+
+def make_network(model_config: Any, num_classes: int, cross_replica_axis: str | None,
+                 compute_dtype: str = "float32") -> hk.TransformedWithState:
     """Returns the online (and, with other parameters, target) network.
 
     ``apply(params, state, None, images, is_training, heads)`` returns a dict with
@@ -265,6 +284,7 @@ def make_network(model_config: Any, num_classes: int, cross_replica_axis: str | 
 
     def forward(images: jax.Array, is_training: bool,
                 heads: Sequence[str] = ("projection", "prediction", "logits")) -> dict[str, jax.Array]:
+        set_compute_dtype(compute_dtype)  # at trace time: Haiku reads policies when modules run
         encoder = make_encoder(model_config.depth, model_config.width_multiplier,
                                model_config.resnet_v2, model_config.sk_ratio, bn_config)
         projector = MLP(model_config.projector_hidden_size, model_config.projection_size, bn_config,

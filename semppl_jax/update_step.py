@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -66,7 +67,7 @@ def _pairs(num_views: int, num_large: int, same_crop: bool):
 
 
 def make_network(config: Any, num_classes: int, axis_name: str | None = AXIS) -> hk.TransformedWithState:
-    return networks.make_network(config.model, num_classes, axis_name)
+    return networks.make_network(config.model, num_classes, axis_name, config.training.compute_dtype)
 
 
 def make_schedules(config: Any, total_steps: int, steps_per_epoch: int):
@@ -148,8 +149,9 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             out, net_state = net.apply(params, state.online_state, None, _flatten_views(large), True)
             preds = [out["prediction"].reshape(num_large, local_batch, -1)]
             if small is not None:
-                out_small, net_state = net.apply(params, net_state, None, _flatten_views(small), True,
-                                                 ("prediction",))
+                # The small views' BN statistics are not kept: the moving averages
+                # serve full-size images at evaluation, so they follow the large views.
+                out_small, _ = net.apply(params, net_state, None, _flatten_views(small), True, ("prediction",))
                 preds.append(out_small["prediction"].reshape(num_small, local_batch, -1))
             return losses.l2_normalize(jnp.concatenate(preds)), out["logits"], net_state
 
@@ -242,8 +244,12 @@ def _monitors(aux: dict, inputs: StepInputs, true_label: jax.Array, pseudo: jax.
 
 
 def make_mesh(devices=None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
-    return jax.make_mesh((len(devices),), (AXIS,), devices=devices)
+    """1-D ``data`` mesh, devices in process-major order, so that each process's
+    local batch is one contiguous block of the global batch (what
+    ``make_array_from_process_local_data`` and the global image index assume)."""
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.asarray(devices), (AXIS,))
 
 
 def shard_step(step_fn: Callable, mesh: Mesh) -> Callable:
