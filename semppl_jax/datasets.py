@@ -138,17 +138,39 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
 # ----------------------------------------------------------------------------- label subsets
 
 
-def resolve_subset_file(spec: str, cache_dir: str | None) -> str:
-    """'1pct'/'10pct' -> a local copy of SimCLR's list (never downloaded implicitly)."""
+def resolve_subset_file(spec: str, cache_dir: str | None, fetch: bool = False) -> str:
+    """'1pct'/'10pct' -> a local copy of SimCLR's list.
+
+    Looked up in ``cache_dir``, ``$SEMPPL_SUBSET_DIR`` and the checkout's sibling
+    ``shared/`` folder; downloaded into ``cache_dir`` only when ``fetch`` is set.
+    """
     fname = SUBSET_FILES[spec]
     candidates = [os.path.join(d, fname) for d in
                   (cache_dir, os.environ.get("SEMPPL_SUBSET_DIR"), DEFAULT_SUBSET_DIR) if d]
     for path in candidates:
         if os.path.exists(path):
             return path
+    url = SIMCLR_SUBSET_URL.format(fname)
+    if fetch:
+        if not cache_dir:
+            raise ValueError("dataset.fetch_subsets needs dataset.subset_cache_dir to download into")
+        import urllib.request
+
+        os.makedirs(cache_dir, exist_ok=True)
+        target = os.path.join(cache_dir, fname)
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                data = r.read()
+        except OSError as e:
+            raise FileNotFoundError(f"label_subset={spec!r}: could not download {url} ({e}); put the file "
+                                    f"in {cache_dir} by hand") from e
+        with open(target + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(target + ".tmp", target)
+        return target
     raise FileNotFoundError(
         f"label_subset={spec!r}: {fname} not found in {candidates}. Put SimCLR's list there "
-        f"(from {SIMCLR_SUBSET_URL.format(fname)}) or set dataset.subset_cache_dir.")
+        f"(from {url}), set dataset.subset_cache_dir, or allow a download with dataset.fetch_subsets=True.")
 
 
 def read_subset_list(path: str) -> set[str]:
@@ -174,7 +196,8 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
     return mask
 
 
-def labelled_mask(source: Source, spec: str, seed: int, cache_dir: str | None = None) -> np.ndarray:
+def labelled_mask(source: Source, spec: str, seed: int, cache_dir: str | None = None,
+                  fetch: bool = False) -> np.ndarray:
     """Which training images carry labels, as a mask over ``image_id``."""
     try:
         fraction = float(spec)
@@ -184,7 +207,7 @@ def labelled_mask(source: Source, spec: str, seed: int, cache_dir: str | None = 
         if source.labels is None:
             source.labels = _collect(source, "true_label").astype(np.int32)
         return stratified_subset(source.labels, fraction, seed)
-    path = resolve_subset_file(spec, cache_dir) if spec in SUBSET_FILES else spec
+    path = resolve_subset_file(spec, cache_dir, fetch) if spec in SUBSET_FILES else spec
     wanted = read_subset_list(path)
     names = source.file_names if source.file_names is not None else _collect(source, "file_name")
     names = np.array([n.decode() if isinstance(n, bytes) else str(n) for n in names])

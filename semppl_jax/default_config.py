@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
         label_subset="0.1",
         label_seed=0,
         subset_cache_dir=ml_collections.FieldReference(None, field_type=str),
+        fetch_subsets=False,  # allow downloading SimCLR's lists into subset_cache_dir
         # None: every image once an epoch (the paper's default). An int: that many
         # labelled images in every global batch, class-stratified (PAWS-style).
         labelled_per_batch=ml_collections.FieldReference(None, field_type=int),

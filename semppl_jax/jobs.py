@@ -70,7 +70,8 @@ def evaluate(config, workdir: str) -> dict:
                                         ds_cfg.synthetic_image_size, config.seed)
     test_source = datasets.load_source(ds_cfg.name, ds_cfg.eval_split, ds_cfg.data_dir, ds_cfg.synthetic_size,
                                        ds_cfg.synthetic_image_size, config.seed)
-    labelled = datasets.labelled_mask(train_source, ds_cfg.label_subset, ds_cfg.label_seed, ds_cfg.subset_cache_dir)
+    labelled = datasets.labelled_mask(train_source, ds_cfg.label_subset, ds_cfg.label_seed,
+                                      ds_cfg.subset_cache_dir, ds_cfg.fetch_subsets)
     checkpoint = e.checkpoint or workdir
     pretrained = None if checkpoint == "scratch" else evaluation.load_pretrained(checkpoint, config)
     mesh = update_step.make_mesh()
@@ -114,7 +115,8 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
     source = datasets.load_source(ds_cfg.name, ds_cfg.train_split, ds_cfg.data_dir, ds_cfg.synthetic_size,
                                   ds_cfg.synthetic_image_size, config.seed)
     config_checks.validate(config, num_devices, num_processes, source.num_examples, source.num_classes)
-    labelled = datasets.labelled_mask(source, ds_cfg.label_subset, ds_cfg.label_seed, ds_cfg.subset_cache_dir)
+    labelled = datasets.labelled_mask(source, ds_cfg.label_subset, ds_cfg.label_seed, ds_cfg.subset_cache_dir,
+                                      ds_cfg.fetch_subsets)
     steps_per_epoch = max(1, source.num_examples // config.training.batch_size)
     total_steps = config.training.num_steps or int(math.ceil(config.training.num_epochs * steps_per_epoch))
     local_batch = config.training.batch_size // num_processes

@@ -67,7 +67,7 @@ def test_imagenet_1pct_list_resolves_from_the_shared_cache(mock_imagenet):
 def test_missing_subset_list_says_where_to_put_it(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets, "DEFAULT_SUBSET_DIR", str(tmp_path))
     monkeypatch.delenv("SEMPPL_SUBSET_DIR", raising=False)
-    with pytest.raises(FileNotFoundError, match="10percent.txt not found.*subset_cache_dir"):
+    with pytest.raises(FileNotFoundError, match="10percent.txt not found.*fetch_subsets"):
         datasets.resolve_subset_file("10pct", str(tmp_path / "cache"))
 
 
