@@ -1,6 +1,8 @@
 """Input pipelines: the JPEG path (mock ImageNet), image folders, label subsets,
 batch composition, determinism/resume and evaluation counting. Offline."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -56,6 +58,8 @@ def test_a_list_that_matches_no_image_is_an_error(mock_imagenet, tmp_path):
         datasets.labelled_mask(source, str(tmp_path / "missing.txt"), 0)
 
 
+@pytest.mark.skipif(not os.path.exists(os.path.join(datasets.DEFAULT_SUBSET_DIR, "1percent.txt")),
+                    reason="needs the checkout's sibling shared/ folder")
 def test_imagenet_1pct_list_resolves_from_the_shared_cache(mock_imagenet):
     path = datasets.resolve_subset_file("1pct", None)
     assert len(datasets.read_subset_list(path)) == 12811
