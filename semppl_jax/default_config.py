@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
         small_scale=(0.05, 0.14),  # best reading (method doc): small crops' area range
         aspect_ratio=(3 / 4, 4 / 3),
         eval_resize=256, eval_size=224,  # centre crop 224 of 256
+        # TPU: ship training images as [V, H, W, C, batch] (the double-transpose
+        # trick: cheaper host-to-device transfers); transposed back on device.
+        transpose_images=False,
     ))
 
     # BYOL's recipes; blur/solarise probabilities alternate over views.

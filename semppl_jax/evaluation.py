@@ -249,6 +249,7 @@ def train_classifier(config: Any, train_source, labelled: np.ndarray, test_sourc
     view_cfg = copy.deepcopy(config)
     view_cfg.views.update(dict(num_large=1, num_small=0, large_size=size, large_scale=tuple(e.crop_scale)))
     view_cfg.dataset.labelled_per_batch = None
+    view_cfg.views.transpose_images = False
     local_batch = e.batch_size // jax.process_count()
     ds = input_pipeline.train_dataset(train_source, train_mask, view_cfg, local_batch, config.seed + 1,
                                       jax.process_index(), jax.process_count(), only_labelled=True)

@@ -109,6 +109,7 @@ def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch
     views = config.views
     encoded = source.encoded
 
+    @tf.autograph.experimental.do_not_convert  # plain TF ops: nothing for AutoGraph to do
     def make_views(position, ex):
         base = tf.stack([tf.constant(seed, tf.int64), position + start_step * local_batch])
         seeds = tf.random.experimental.stateless_split(base, views.num_large + views.num_small)
@@ -124,6 +125,9 @@ def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch
 
     ds = ds.enumerate().map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)
+    if views.get("transpose_images", False):  # HWCN: batch last, TPU's cheaper transfer layout
+        ds = ds.map(lambda b: dict(b, large=tf.transpose(b["large"], [1, 2, 3, 4, 0]),
+                                   small=tf.transpose(b["small"], [1, 2, 3, 4, 0])))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -174,6 +178,7 @@ def eval_dataset(source: Source, config: Any, local_batch: int, process_index: i
     views = config.views
     ds = source.dataset.skip(start).take(count)
 
+    @tf.autograph.experimental.do_not_convert
     def prep(ex):
         return dict(image=center_crop(ex["image"], source.encoded, views.eval_size, views.eval_resize),
                     label=ex["true_label"], image_id=ex["image_id"], mask=tf.constant(True))

@@ -145,8 +145,9 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
     start_step = int(jax.device_get(state.step))
     end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
 
+    transposed = config.views.transpose_images
     step_fn = update_step.shard_step(
-        update_step.make_update_step(config, source.num_classes, total_steps, steps_per_epoch), mesh)
+        update_step.make_update_step(config, source.num_classes, total_steps, steps_per_epoch), mesh, transposed)
     train_ds = input_pipeline.train_dataset(source, labelled, config, local_batch, config.seed,
                                             jax.process_index(), num_processes, start_step)
     batches = train_ds.as_numpy_iterator()
@@ -167,7 +168,7 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
     images_since_log = 0
     compiled = None
     while step < end_step:
-        batch = update_step.shard_batch(next(batches), mesh)
+        batch = update_step.shard_batch(next(batches), mesh, transposed)
         if compiled is None:  # compile once, explicitly, to report memory before the first step
             t_compile = time.time()
             compiled = step_fn.lower(state, batch).compile()

@@ -95,6 +95,11 @@ def init_state(config: Any, key: jax.Array, num_classes: int, total_steps: int,
     )
 
 
+def _views_first(images: jax.Array, transposed: bool) -> jax.Array:
+    """[b, V, H, W, C] or the HWCN transfer layout [V, H, W, C, b] -> [V, b, H, W, C]."""
+    return jnp.transpose(images, (0, 4, 1, 2, 3)) if transposed else jnp.swapaxes(images, 0, 1)
+
+
 def _flatten_views(views: jax.Array) -> jax.Array:
     """[V, b, ...] -> [V*b, ...]: all views of a kind through the network at once."""
     return views.reshape((-1,) + views.shape[2:])
@@ -120,6 +125,7 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
     cfg = config.semppl
     num_large, num_small = config.views.num_large, config.views.num_small
     pairs, large_pairs = _pairs(num_large + num_small, num_large, cfg.same_crop_pairs)
+    transposed = bool(config.views.get("transpose_images", False))
 
     def update_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         inputs, true_label = split_batch(batch)
@@ -130,10 +136,10 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         aug_key, neg_key, pos_key = jax.random.split(key, 3)
 
-        # Views: [b, V, ...] uint8 -> [V, b, ...] augmented float.
-        large = augment.augment_views(aug_key, jnp.swapaxes(inputs.large, 0, 1), 0, global_index,
+        # Views: [b, V, H, W, 3] (or HWCN: [V, H, W, 3, b]) uint8 -> [V, b, H, W, 3] augmented float.
+        large = augment.augment_views(aug_key, _views_first(inputs.large, transposed), 0, global_index,
                                       config.augment)
-        small = augment.augment_views(aug_key, jnp.swapaxes(inputs.small, 0, 1), num_large,
+        small = augment.augment_views(aug_key, _views_first(inputs.small, transposed), num_large,
                                       global_index, config.augment) if num_small else None
 
         # Target projections of the large views; gathered: the global candidates.
@@ -252,12 +258,29 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (AXIS,))
 
 
-def shard_step(step_fn: Callable, mesh: Mesh) -> Callable:
-    """``jit(shard_map(step))``: state replicated, batch split on its leading axis,
+IMAGE_KEYS = ("large", "small")
+
+
+def _batch_axis(name: str, transposed: bool) -> int:
+    """The batch axis of a batch entry: last for images in the HWCN layout, else first."""
+    return -1 if (transposed and name in IMAGE_KEYS) else 0
+
+
+def _batch_spec(name: str, ndim: int, transposed: bool) -> P:
+    return P(*([None] * (ndim - 1)), AXIS) if _batch_axis(name, transposed) == -1 else P(AXIS)
+
+
+def shard_step(step_fn: Callable, mesh: Mesh, transposed: bool = False) -> Callable:
+    """``jit(shard_map(step))``: state replicated, batch split on its batch axis,
     state donated. ``check_vma=False`` gives pmap's semantics (per-replica
-    gradients, transposed collectives), which the explicit ``pmean`` relies on."""
-    mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
-                           check_vma=False)
+    gradients, transposed collectives), which the explicit ``pmean`` relies on.
+    ``transposed``: images arrive in the HWCN layout (batch last), TPU's cheaper
+    host-to-device transfer, and are transposed back on device."""
+    specs = P(AXIS)
+    if transposed:
+        specs = {k: _batch_spec(k, 5, True) if k in IMAGE_KEYS else P(AXIS)
+                 for k in IMAGE_KEYS + ("label", "is_labelled", "image_id", "true_label")}
+    mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), P()), check_vma=False)
     return jax.jit(mapped, donate_argnums=(0,))
 
 
@@ -265,14 +288,16 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict:
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh, transposed: bool = False) -> dict:
     """Host-local numpy batch -> global arrays split over the ``data`` axis.
 
     Works multi-host: each process passes its own slice of the global batch.
     """
-    sharding = NamedSharding(mesh, P(AXIS))
     out = {}
     for name, value in batch.items():
-        global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
-        out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+        axis = _batch_axis(name, transposed) % value.ndim
+        global_shape = list(value.shape)
+        global_shape[axis] *= jax.process_count()
+        sharding = NamedSharding(mesh, _batch_spec(name, value.ndim, transposed))
+        out[name] = jax.make_array_from_process_local_data(sharding, value, tuple(global_shape))
     return out

@@ -174,3 +174,14 @@ def test_mnist5k_is_real_and_split_fixed():
     assert np.bincount(train.labels).tolist() == [400] * 10
     first = next(train.dataset.as_numpy_iterator())["image"]
     assert first.shape == (28, 28, 3) and first.max() > 200 and (first == 0).mean() > 0.5  # a digit on black
+
+
+def test_hwcn_layout_puts_the_batch_last():
+    config = small_views(tiny.get_config())
+    source = datasets.load_source("synthetic", "train", synthetic_size=32, synthetic_image_size=28)
+    labelled = datasets.labelled_mask(source, "0.25", 0)
+    plain = take(input_pipeline.train_dataset(source, labelled, config, 8, seed=2), 1)[0]
+    config.views.transpose_images = True
+    hwcn = take(input_pipeline.train_dataset(source, labelled, config, 8, seed=2), 1)[0]
+    assert hwcn["large"].shape == (2, 24, 24, 3, 8) and hwcn["small"].shape == (1, 12, 12, 3, 8)
+    np.testing.assert_array_equal(hwcn["large"], plain["large"].transpose(1, 2, 3, 4, 0))

@@ -43,10 +43,11 @@ def run_steps(config, devices, batches, total_steps=10):
     state0 = jax.device_get(us.init_state(config, jax.random.key(0), 10, total_steps, 4))
     mesh = us.make_mesh(devices)
     state = us.replicate(state0, mesh)
-    step = us.shard_step(us.make_update_step(config, 10, total_steps, 4), mesh)
+    transposed = config.views.transpose_images
+    step = us.shard_step(us.make_update_step(config, 10, total_steps, 4), mesh, transposed)
     metrics = []
     for batch in batches:
-        state, m = step(state, us.shard_batch(batch, mesh))
+        state, m = step(state, us.shard_batch(batch, mesh, transposed))
         metrics.append(jax.device_get(m))
     return jax.device_get(state), metrics
 
@@ -124,3 +125,16 @@ def test_bfloat16_compute_stays_close_to_float32():
     # (lambda = 5 times a KL between near-uniform distributions magnifies rounding).
     assert rel["l_augm"] < 5e-3 and rel["loss"] < 3e-2
     assert m16[0]["loss"] != m32[0]["loss"]  # bf16 really ran
+
+
+def test_hwcn_transfer_layout_gives_the_same_step():
+    """TPU's double-transpose layout: images batch-last on the host, same update."""
+    config = make_config()
+    batches = make_batches(config, 2)
+    ref, m_ref = run_steps(config, jax.devices()[:2], batches)
+    config.views.transpose_images = True
+    hwcn = [dict(b, large=b["large"].transpose(1, 2, 3, 4, 0), small=b["small"].transpose(1, 2, 3, 4, 0))
+            for b in batches]
+    got, m_got = run_steps(config, jax.devices()[:2], hwcn)
+    assert max_abs_diff(ref.online_params, got.online_params) == 0.0
+    assert m_ref[-1]["loss"] == m_got[-1]["loss"]
