@@ -97,6 +97,8 @@ def write_report(results: list[dict], workdir: str) -> str:
         stds = [stats[(fr, m)][1] for fr in fractions]
         ax.bar(np.arange(len(fractions)) + (i - 1) * width, means, width, yerr=stds, capsize=3, label=m)
     ax.set_xticks(np.arange(len(fractions)), [f"{100 * f:g}% labels" for f in fractions])
+    lows = [stats[k][0] - stats[k][1] for k in stats if stats[k][2]]
+    ax.set_ylim(max(0.0, float(np.nanmin(lows)) - 5.0) if lows else 0.0, 100.0)  # zoom on the differences
     ax.set_ylabel("fine-tuned top-1 (%)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
