@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -91,6 +92,18 @@ def load_source(name: str, split: str, data_dir: str | None = None, synthetic_si
         images, labels = mnist5k_arrays(split)
         return _array_source(images, labels, 10, f"mnist5k_{split}")
     return _tfds_source(name, split, data_dir)
+
+
+def load_split(config: Any, split: str) -> Source:
+    """``load_source`` for ``split`` with the config's dataset fields."""
+    d = config.dataset
+    return load_source(d.name, split, d.data_dir, d.synthetic_size, d.synthetic_image_size, config.seed)
+
+
+def config_labelled_mask(config: Any, source: Source) -> np.ndarray:
+    """``labelled_mask`` with the config's subset fields."""
+    d = config.dataset
+    return labelled_mask(source, d.label_subset, d.label_seed, d.subset_cache_dir, d.fetch_subsets)
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:

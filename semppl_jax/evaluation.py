@@ -271,10 +271,8 @@ class OnlineKnn:
     """k-NN top-1 of the current online encoder during pretraining (a monitor)."""
 
     def __init__(self, config: Any, train_source, labelled: np.ndarray, mesh):
-        ds_cfg = config.dataset
         self._config, self._train, self._labelled, self._mesh = config, train_source, labelled, mesh
-        self._test = datasets.load_source(ds_cfg.name, ds_cfg.eval_split, ds_cfg.data_dir, ds_cfg.synthetic_size,
-                                          ds_cfg.synthetic_image_size, config.seed)
+        self._test = datasets.load_split(config, config.dataset.eval_split)
         self._net = make_classifier(config.model, train_source.num_classes, None)
         size = config.views.eval_size
         params, _ = jax.eval_shape(lambda: self._net.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), True))

@@ -61,17 +61,14 @@ def evaluate(config, workdir: str) -> dict:
 
     from semppl_jax import config_checks, datasets, evaluation, update_step
 
-    e, ds_cfg = config.eval, config.dataset
+    e = config.eval
     config_checks.validate(config, jax.device_count(), jax.process_count())
     if e.batch_size % jax.device_count():
         raise config_checks.ConfigError(f"config.eval.batch_size: {e.batch_size} is not divisible by the "
                                         f"{jax.device_count()} devices")
-    train_source = datasets.load_source(ds_cfg.name, ds_cfg.train_split, ds_cfg.data_dir, ds_cfg.synthetic_size,
-                                        ds_cfg.synthetic_image_size, config.seed)
-    test_source = datasets.load_source(ds_cfg.name, ds_cfg.eval_split, ds_cfg.data_dir, ds_cfg.synthetic_size,
-                                       ds_cfg.synthetic_image_size, config.seed)
-    labelled = datasets.labelled_mask(train_source, ds_cfg.label_subset, ds_cfg.label_seed,
-                                      ds_cfg.subset_cache_dir, ds_cfg.fetch_subsets)
+    train_source = datasets.load_split(config, config.dataset.train_split)
+    test_source = datasets.load_split(config, config.dataset.eval_split)
+    labelled = datasets.config_labelled_mask(config, train_source)
     checkpoint = e.checkpoint or workdir
     pretrained = None if checkpoint == "scratch" else evaluation.load_pretrained(checkpoint, config)
     mesh = update_step.make_mesh()
@@ -111,12 +108,9 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
     config_checks.validate(config, num_devices, num_processes)
 
     # Data: which images carry labels is decided once, from the seed.
-    ds_cfg = config.dataset
-    source = datasets.load_source(ds_cfg.name, ds_cfg.train_split, ds_cfg.data_dir, ds_cfg.synthetic_size,
-                                  ds_cfg.synthetic_image_size, config.seed)
+    source = datasets.load_split(config, config.dataset.train_split)
     config_checks.validate(config, num_devices, num_processes, source.num_examples, source.num_classes)
-    labelled = datasets.labelled_mask(source, ds_cfg.label_subset, ds_cfg.label_seed, ds_cfg.subset_cache_dir,
-                                      ds_cfg.fetch_subsets)
+    labelled = datasets.config_labelled_mask(config, source)
     steps_per_epoch = max(1, source.num_examples // config.training.batch_size)
     total_steps = config.training.num_steps or int(math.ceil(config.training.num_epochs * steps_per_epoch))
     local_batch = config.training.batch_size // num_processes

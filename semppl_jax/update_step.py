@@ -278,8 +278,7 @@ def shard_step(step_fn: Callable, mesh: Mesh, transposed: bool = False) -> Calla
     host-to-device transfer, and are transposed back on device."""
     specs = P(AXIS)
     if transposed:
-        specs = {k: _batch_spec(k, 5, True) if k in IMAGE_KEYS else P(AXIS)
-                 for k in IMAGE_KEYS + ("label", "is_labelled", "image_id", "true_label")}
+        specs = {k: _batch_spec(k, 5, True) for k in IMAGE_KEYS + ("label", "is_labelled", "image_id", "true_label")}
     mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), P()), check_vma=False)
     return jax.jit(mapped, donate_argnums=(0,))
 
