@@ -19,7 +19,13 @@ def get_config(arg: str | None = None):
     c.augment.update(dict(saturation=0.0, hue=0.0, solarize_prob=(0.0, 0.0), flip=False))
     c.model.update(dict(depth="small", projector_hidden_size=512, predictor_hidden_size=512,
                         projection_size=128))
-    c.semppl.queue_size = 1600  # 400 labelled images x 2 large views x 2 steps' worth of history
+    # The queue holds about two epochs of labelled views (labelled images x 2 large
+    # views x 2): 1,600 entries at 10% labels, 160 at 1%. A fixed size would leave a
+    # 1% queue (~5 entries a step) never full and full of stale embeddings.
+    try:
+        c.semppl.queue_size = max(4 * round(4000 * float(c.dataset.label_subset)), 64)
+    except ValueError:  # a subset list or name: keep the 10% size
+        c.semppl.queue_size = 1600
     # Tuned on this demo (195 steps; see README "The main job"): with the paper's
     # best-reading lambda=5 and LR 0.2-1.0 the InfoNCE term stays at log(batch)
     # and the invariance KL drives the similarities to uniform (collapse: k-NN

@@ -104,7 +104,7 @@ def make_train_step(net: hk.TransformedWithState, optimizer: optax.GradientTrans
             (_, logits), net_state = net.apply(p, state.net_state, None, x, True, frozen)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(batch["label"], 0))
             mask = (batch["label"] >= 0).astype(jnp.float32)
-            share, mean = update_step._global_mean(jnp.sum(ce * mask), jnp.sum(mask))
+            share, mean = update_step.global_mean(jnp.sum(ce * mask), jnp.sum(mask))
             return share, (net_state, mean)
 
         grads, (net_state, loss) = jax.grad(loss_fn, has_aux=True)(state.params)

@@ -105,7 +105,7 @@ def _flatten_views(views: jax.Array) -> jax.Array:
     return views.reshape((-1,) + views.shape[2:])
 
 
-def _global_mean(local_sum: jax.Array, local_count: jax.Array) -> tuple[jax.Array, jax.Array]:
+def global_mean(local_sum: jax.Array, local_count: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(this replica's share of the global mean, the global mean itself).
 
     The share is scaled so that averaging gradients over replicas yields the
@@ -181,7 +181,7 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
                 sem_sum, sem_count = losses.semantic_positive_loss(
                     online, candidates, positives, positive_valid, global_index, pairs,
                     cfg.temperature, candidate_mask)
-                l_sempos_share, l_sempos = _global_mean(sem_sum, sem_count)
+                l_sempos_share, l_sempos = global_mean(sem_sum, sem_count)
             else:  # the ReLICv2-style baseline, exactly: the term is not built at all
                 l_sempos_share = l_sempos = jnp.zeros((), jnp.float32)
             objective = cfg.c * (l_augm + cfg.alpha * l_sempos_share) + cfg.lam * invariance
@@ -191,7 +191,7 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             probe_ce = optax.softmax_cross_entropy_with_integer_labels(
                 logits, jnp.maximum(probe_labels, 0))
             probe_mask = (probe_labels >= 0).astype(jnp.float32)
-            probe_share, probe_loss = _global_mean(jnp.sum(probe_ce * probe_mask), jnp.sum(probe_mask))
+            probe_share, probe_loss = global_mean(jnp.sum(probe_ce * probe_mask), jnp.sum(probe_mask))
             aux = dict(net_state=net_state, logits=logits, l_augm=l_augm, invariance=invariance,
                        l_sempos=l_sempos, probe_loss=probe_loss,
                        objective=cfg.c * (l_augm + cfg.alpha * l_sempos) + cfg.lam * invariance)
