@@ -32,6 +32,11 @@ def get_config(arg: str | None = None):
     # 62% -> 44%); lambda=1 / LR 4 learns (fine-tune 94.2%), lambda=0.2 / LR 4
     # learns fastest. 195 steps is far from the paper's ~94k, hence the large LR.
     c.semppl.lam = 0.2
+    # k=10, not the best reading's k=1: on this demo (seed 0) it raised the final
+    # pseudo-label accuracy from 51.5% to 59.6% (10% labels) and from 41.7% to 48.8%
+    # (1%), with fine-tuned top-1 94.1 -> 94.2 and 75.7 -> 76.8. A 160-1,600 entry
+    # queue of freshly augmented views is far noisier than the paper's, where k=1 won.
+    c.semppl.knn_k = 10
     c.optim.update(dict(base_lr=4.0, warmup_epochs=2.0, ema_base=0.99))
     # ~13 epochs = 195 steps of batch 256: about 6 minutes on 2 CPU cores.
     c.training.update(dict(batch_size=256, num_epochs=13.0, log_every_steps=10,
