@@ -1,0 +1,48 @@
+"""The comparison script's bookkeeping: overrides, tables and paired differences."""
+
+import json
+
+import pytest
+from absl import app
+
+from benchmarks import compare
+from experiments import mnist5k
+
+
+def _result(method, seed, top1, knn=None, fraction=0.1):
+    r = dict(method=method, fraction=fraction, seed=seed, top1=top1, top5=1.0,
+             pseudo_label_curve=[[10, 0.2], [20, 0.4]] if method == "semppl" else [])
+    if knn is not None:
+        r["knn_top1"] = knn
+    return r
+
+
+def test_overrides_are_typed_and_unknown_fields_refused():
+    config = mnist5k.get_config("0.01")
+    compare.apply_overrides(config, ["semppl.knn_k=5", "optim.base_lr=2", "semppl.knn_query=online"])
+    assert (config.semppl.knn_k, config.optim.base_lr, config.semppl.knn_query) == (5, 2.0, "online")
+    assert isinstance(config.optim.base_lr, float)
+    with pytest.raises(app.UsageError, match="no field 'semppl.knn_kk'"):
+        compare.apply_overrides(config, ["semppl.knn_kk=5"])
+    with pytest.raises(app.UsageError, match="expected field=value"):
+        compare.apply_overrides(config, ["semppl.knn_k"])
+
+
+def test_demo_queue_scales_with_the_label_fraction():
+    assert mnist5k.get_config("0.1").semppl.queue_size == 1600
+    assert mnist5k.get_config("0.01").semppl.queue_size == 160
+
+
+def test_report_tables_match_hand_computed_statistics(tmp_path):
+    results = [_result("semppl", 0, 0.90, knn=0.80), _result("alpha0", 0, 0.88, knn=0.70),
+               _result("supervised", 0, 0.85), _result("semppl", 1, 0.80, knn=0.60),
+               _result("alpha0", 1, 0.84, knn=0.70), _result("supervised", 1, 0.75)]
+    table = compare.write_report(results, str(tmp_path))
+    # SemPPL 90 / 80 -> 85.0 +- 5.0; alpha0 88 / 84 -> 86.0 +- 2.0; supervised 85 / 75 -> 80.0 +- 5.0.
+    assert "| 10% | 85.0 ± 5.0 (n=2) | 86.0 ± 2.0 (n=2) | 80.0 ± 5.0 (n=2) |" in table
+    assert "| 10% | 70.0 ± 10.0 (n=2) | 70.0 ± 0.0 (n=2) |" in table  # k-NN
+    # Paired: +2, -4 -> -1.0 +- 3.0 (1 of 2); +5, +5 -> +5.0 +- 0.0 (2 of 2).
+    assert "| 10% | -1.0 ± 3.0 (SemPPL ahead in 1 of 2) | +5.0 ± 0.0 (SemPPL ahead in 2 of 2) |" in table
+    for name in ("comparison.md", "comparison.png", "pseudo_labels.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "comparison.json").read_text()) == results
