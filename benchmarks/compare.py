@@ -10,7 +10,8 @@ over training).
     python benchmarks/compare.py --workdir=workdir_compare [--fractions=0.01,0.1 --seeds=0,1,2 --steps=N]
 
 Each SemPPL/ablation run takes minutes on 2 CPU cores; runs already finished in
-WORKDIR are reused, so an interrupted comparison continues where it stopped.
+WORKDIR are reused, so an interrupted comparison continues where it stopped, and
+the report covers every finished run in WORKDIR (add seeds with a second call).
 """
 
 from __future__ import annotations
@@ -195,14 +196,25 @@ def main(argv) -> None:
     unknown = set(_METHODS.value) - set(METHODS)
     if unknown:
         raise app.UsageError(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
-    results = []
     for seed in map(int, _SEEDS.value):  # seeds outermost: a partial run covers every fraction
         for fraction in _FRACTIONS.value:
             for method in (m for m in METHODS if m in _METHODS.value):
                 run_dir = os.path.join(_WORKDIR.value, f"{method}_{fraction}_seed{seed}")
-                results.append(one_run(run_dir, method, fraction, seed, _STEPS.value, _SET.value))
-                write_report(results, _WORKDIR.value)  # partial tables as runs finish
-    print(write_report(results, _WORKDIR.value))
+                one_run(run_dir, method, fraction, seed, _STEPS.value, _SET.value)
+                write_report(finished_runs(_WORKDIR.value), _WORKDIR.value)  # partial tables as runs finish
+    print(write_report(finished_runs(_WORKDIR.value), _WORKDIR.value))
+
+
+def finished_runs(workdir: str) -> list[dict]:
+    """Every finished run in ``workdir``, so that the report covers earlier invocations too
+    (e.g. extra seeds at one fraction)."""
+    results = []
+    for name in sorted(os.listdir(workdir)):
+        path = os.path.join(workdir, name, "result.json")
+        if name.split("_")[0] in METHODS and os.path.exists(path):
+            with open(path) as f:
+                results.append(json.load(f))
+    return results
 
 
 if __name__ == "__main__":

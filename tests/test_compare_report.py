@@ -46,3 +46,14 @@ def test_report_tables_match_hand_computed_statistics(tmp_path):
     for name in ("comparison.md", "comparison.png", "pseudo_labels.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "comparison.json").read_text()) == results
+
+
+def test_finished_runs_collects_every_result_in_the_workdir(tmp_path):
+    runs = [_result("semppl", 3, 0.9, fraction=0.01), _result("supervised", 0, 0.5)]
+    for r in runs:
+        run_dir = tmp_path / f"{r['method']}_{r['fraction']}_seed{r['seed']}"
+        run_dir.mkdir()
+        (run_dir / "result.json").write_text(json.dumps(r))
+    (tmp_path / "alpha0_0.1_seed0").mkdir()  # unfinished: no result.json
+    (tmp_path / "notes").mkdir()
+    assert sorted(compare.finished_runs(str(tmp_path)), key=lambda r: r["seed"]) == [runs[1], runs[0]]
