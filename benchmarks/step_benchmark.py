@@ -79,16 +79,10 @@ def step_times(name, config, iters) -> list[dict]:
     for label, alpha in (("SemPPL step", config.semppl.alpha), ("alpha = 0 step", 0.0)):
         config.semppl.alpha = alpha
         fn = update_step.shard_step(update_step.make_update_step(config, 10, 100, 10), mesh)
-        state = update_step.replicate(init, mesh)
+        holder = {"s": update_step.replicate(init, mesh)}  # the state is donated: feed each output back
 
-        def run(s, b, fn=fn):
-            return fn(s, b)
-
-        # donated state: re-feed the output
-        holder = {"s": state}
-
-        def loop(b):
-            holder["s"], m = run(holder["s"], b)
+        def loop(b, fn=fn):
+            holder["s"], m = fn(holder["s"], b)
             return m
 
         secs = _time(loop, batch, iters=iters)
