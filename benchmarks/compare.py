@@ -32,42 +32,11 @@ _SET = flags.DEFINE_list("set", [], "Overrides of the pretraining config, e.g. s
 METHODS = ("semppl", "alpha0", "supervised")
 
 
-def apply_overrides(config, overrides: list[str]) -> None:
-    """``a.b=value`` strings onto an ml-collections config. The value is read as JSON
-    (numbers, booleans, lists) or else kept as a string; ml-collections' own typed
-    setter then converts it (an int into a float field) or refuses it (2.5 into an int)."""
-    config.lock()  # an unknown field is an error, not a new field
-    try:
-        for item in overrides:
-            path, sep, text = item.partition("=")
-            if not sep:
-                raise app.UsageError(f"--set {item!r}: expected field=value")
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError:
-                value = text
-            try:
-                config.update_from_flattened_dict({path: value})
-            except (KeyError, AttributeError) as e:
-                raise app.UsageError(f"--set {item!r}: the config has no field {path!r}") from e
-            except TypeError as e:
-                raise app.UsageError(f"--set {item!r}: {e}") from e
-    finally:
-        config.unlock()
-
-
-def _write_json(path: str, obj: dict) -> None:
-    """Atomically: a crash never leaves a truncated result.json that would block a resume."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)
-
-
 def one_run(workdir: str, method: str, fraction: str, seed: int, steps: int | None,
             overrides: list[str] = ()) -> dict:
     from experiments import mnist5k
-    from semppl_jax import jobs
-    from semppl_jax.metric_writers import read_jsonl
+    from semppl_jax import config_checks, jobs
+    from semppl_jax.metric_writers import read_jsonl, write_json_atomic
 
     done = os.path.join(workdir, "result.json")
     if os.path.exists(done):
@@ -80,7 +49,7 @@ def one_run(workdir: str, method: str, fraction: str, seed: int, steps: int | No
         config.training.eval_every_steps = None
         if steps:
             config.training.num_steps = steps
-        apply_overrides(config, list(overrides))
+        config_checks.apply_overrides(config, list(overrides))
         curve = []
         if method != "supervised":
             if method == "alpha0":
@@ -92,11 +61,11 @@ def one_run(workdir: str, method: str, fraction: str, seed: int, steps: int | No
                                os.path.join(workdir, "finetune"))
         out = dict(method=method, fraction=float(fraction), seed=seed, top1=result["top1"], top5=result["top5"],
                    pseudo_label_curve=curve)
-        _write_json(done, out)
+        write_json_atomic(done, out)
     if method != "supervised" and "knn_top1" not in out:  # also added to runs made before it existed
         result = jobs.evaluate(eval_config("knn", method, fraction, seed, workdir), os.path.join(workdir, "knn"))
         out["knn_top1"] = result["top1"]
-        _write_json(done, out)
+        write_json_atomic(done, out)
     return out
 
 

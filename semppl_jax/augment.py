@@ -34,37 +34,67 @@ def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
     return v[..., None] - v[..., None] * s[..., None] * jnp.clip(jnp.minimum(p, 4.0 - p), 0.0, 1.0)
 
 
-def _brightness(key, x, delta):
-    return x + jax.random.uniform(key, (), minval=-delta, maxval=delta)
+_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
-def _contrast(key, x, delta):
-    f = jax.random.uniform(key, (), minval=1.0 - delta, maxval=1.0 + delta)
-    mean = jnp.mean(x, axis=(0, 1), keepdims=True)
-    return (x - mean) * f + mean
+def _adjust_saturation(x: jax.Array, factor: jax.Array) -> jax.Array:
+    """HSV saturation scaled by ``factor`` (clipped to [0, 1]) without the HSV round trip.
+
+    With v = max channel and c = v - min channel, a pixel is v - c g(h), g in [0, 1]
+    per channel; scaling S = c / v by f gives v - min(f c, v) g(h), i.e. each channel
+    moves towards v by the factor min(f c, v) / c. Equal to ``hsv_to_rgb`` after
+    ``rgb_to_hsv`` up to rounding (``tests/test_augment.py``)."""
+    v = jnp.max(x, axis=-1, keepdims=True)
+    c = v - jnp.min(x, axis=-1, keepdims=True)
+    scale = jnp.where(c > 0, jnp.minimum(factor * c, v) / jnp.where(c > 0, c, 1.0), 1.0)
+    return v - (v - x) * scale
 
 
-def _saturation(key, x, delta):
-    f = jax.random.uniform(key, (), minval=1.0 - delta, maxval=1.0 + delta)
-    hsv = rgb_to_hsv(jnp.clip(x, 0.0, 1.0))
-    return hsv_to_rgb(hsv.at[..., 1].set(jnp.clip(hsv[..., 1] * f, 0.0, 1.0)))
-
-
-def _hue(key, x, delta):
-    d = jax.random.uniform(key, (), minval=-delta, maxval=delta)
-    hsv = rgb_to_hsv(jnp.clip(x, 0.0, 1.0))
-    return hsv_to_rgb(hsv.at[..., 0].set((hsv[..., 0] + d) % 1.0))
+def _adjust_hue(x: jax.Array, delta: jax.Array) -> jax.Array:
+    hsv = rgb_to_hsv(x)
+    return hsv_to_rgb(hsv.at[..., 0].set((hsv[..., 0] + delta) % 1.0))
 
 
 def color_jitter(key: jax.Array, x: jax.Array, brightness: float, contrast: float, saturation: float,
                  hue: float) -> jax.Array:
-    """The four jitters in a random order, each clipped to [0, 1] as BYOL does."""
+    """BYOL's four jitters in a random order, each clipped to [0, 1], each computed once.
+
+    Under ``vmap`` a ``lax.switch`` over the order evaluates every op at every
+    position (16 ops, 8 of them HSV round trips); here position ``i`` draws its
+    factor from ``keys[i]`` as before, brightness, contrast and saturation share
+    one per-pixel affine form ``x -> a x + b`` (so a position costs one such op),
+    and hue, the only op needing HSV, runs once between the positions before and
+    after it. Ops whose strength is 0 are identities and are not built.
+    """
     order_key, *keys = jax.random.split(key, 5)
-    order = jax.random.permutation(order_key, 4)
-    ops = [lambda k, y: _brightness(k, y, brightness), lambda k, y: _contrast(k, y, contrast),
-           lambda k, y: _saturation(k, y, saturation), lambda k, y: _hue(k, y, hue)]
-    for i in range(4):
-        x = jnp.clip(jax.lax.switch(order[i], ops, keys[i], x), 0.0, 1.0)
+    order = jax.random.permutation(order_key, 4)  # order[i]: the op at position i
+    strength = jnp.asarray([brightness, contrast, saturation, hue], jnp.float32)
+    centre = jnp.asarray([0.0, 1.0, 1.0, 0.0], jnp.float32)  # brightness/hue add, contrast/saturation scale
+    # The factor of the op at position i, drawn from keys[i] exactly as a switch would.
+    factor = jnp.stack([jax.random.uniform(keys[i], (), minval=centre[order[i]] - strength[order[i]],
+                                           maxval=centre[order[i]] + strength[order[i]]) for i in range(4)])
+    hue_position = jnp.argmax(order == 3)
+
+    def affine_op(x: jax.Array, i: int) -> jax.Array:
+        """The brightness, contrast or saturation op at position i (identity if it is hue)."""
+        op, f = order[i], factor[i]
+        mean = jnp.mean(x, axis=(0, 1), keepdims=True) if contrast else 0.0
+        a = jnp.where(op == 1, f, 1.0)
+        b = jnp.where(op == 0, f, 0.0) + jnp.where(op == 1, (1.0 - f) * mean, 0.0)
+        y = a * x + b
+        if saturation:
+            y = jnp.where(op == 2, _adjust_saturation(x, f), y)
+        return jnp.clip(y, 0.0, 1.0)
+
+    if not hue:
+        for i in range(4):
+            x = jnp.where(order[i] == 3, x, affine_op(x, i))
+        return x
+    for i in range(3):  # the ops before hue ...
+        x = jnp.where(i < hue_position, affine_op(x, i), x)
+    x = jnp.clip(_adjust_hue(x, factor[hue_position]), 0.0, 1.0)
+    for i in range(1, 4):  # ... and after it
+        x = jnp.where(i > hue_position, affine_op(x, i), x)
     return x
 
 
@@ -74,12 +104,14 @@ def to_grayscale(x: jax.Array) -> jax.Array:
 
 
 def gaussian_blur(key: jax.Array, x: jax.Array, kernel_size: int, sigma_min: float = 0.1,
-                  sigma_max: float = 2.0) -> jax.Array:
+                  sigma_max: float = 2.0, apply: jax.Array | bool = True) -> jax.Array:
+    """Separable Gaussian blur. ``apply=False`` swaps in a delta kernel, which returns
+    ``x`` exactly: one convolution whether or not the blur was drawn."""
     sigma = jax.random.uniform(key, (), minval=sigma_min, maxval=sigma_max)
     radius = kernel_size // 2
     t = jnp.arange(-radius, radius + 1, dtype=x.dtype)
     k = jnp.exp(-0.5 * jnp.square(t / sigma))
-    k = k / jnp.sum(k)
+    k = jnp.where(apply, k / jnp.sum(k), (t == 0).astype(x.dtype))
     # Separable depthwise convolution with reflect-free zero padding, as BYOL.
     xh = jax.lax.conv_general_dilated(x[None], jnp.tile(k[:, None, None, None], (1, 1, 1, 3)),
                                       (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -104,7 +136,7 @@ def augment_image(key: jax.Array, x: jax.Array, blur_p: jax.Array, solarize_p: j
     x = jnp.where(jax.random.uniform(k_jit_p) < cfg.color_jitter_prob, jittered, x)
     x = jnp.where(jax.random.uniform(k_gray) < cfg.grayscale_prob, to_grayscale(x), x)
     kernel = max(3, (x.shape[0] // 10) | 1)
-    x = jnp.where(jax.random.uniform(k_blur_p) < blur_p, gaussian_blur(k_blur, x, kernel), x)
+    x = gaussian_blur(k_blur, x, kernel, apply=jax.random.uniform(k_blur_p) < blur_p)
     x = jnp.where(jax.random.uniform(k_sol) < solarize_p, solarize(x), x)
     return normalize(jnp.clip(x, 0.0, 1.0))
 

@@ -1,11 +1,22 @@
-"""Resumable train state with Orbax: async, atomic, last-K, and refused on a changed model.
+"""Resumable train state with Orbax: when to save is decided the same way on every process.
 
 The state pytree holds everything a step reads (online/target params and BN
 state, optimizer state, the pseudo-label queue, step, RNG); the input position
 is the step itself, because the input pipeline is a pure function of
 (seed, step) (``input_pipeline.train_dataset(start_step=...)``).
+
+Every decision that leads into Orbax's collective save is one that all
+processes reach identically, with Orbax's own mechanisms:
+- a fixed step interval (``FixedIntervalPolicy``: a pure function of the step);
+- a time interval decided on the primary host and broadcast
+  (``ContinuousCheckpointingPolicy``), never each host's own clock;
+- preemption: JAX's preemption sync manager turns a SIGTERM on any host into
+  one agreed step on all hosts (``reached_preemption``).
 Orbax writes each checkpoint to a temporary directory and renames it once
-complete, so a crash mid-save leaves the previous checkpoint as the latest.
+complete; ``cleanup_tmp_directories`` removes what a killed save left behind.
+
+The checkpoint's metadata records the fields that define the run
+(``run_signature``): a resume with other values is refused, naming each field.
 """
 
 from __future__ import annotations
@@ -15,11 +26,29 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
-# Fields that must not change across a resume: they define parameter shapes or
-# the meaning of the state.
-ARCH_FIELDS = ("depth", "width_multiplier", "resnet_v2", "sk_ratio", "projector_hidden_size",
-               "predictor_hidden_size", "projection_size")
+# Fields that define parameter or state shapes: never allowed to change on resume.
+ENCODER_FIELDS = ("depth", "width_multiplier", "resnet_v2", "sk_ratio")
+ARCH_FIELDS = ENCODER_FIELDS + ("projector_hidden_size", "predictor_hidden_size", "projection_size")
+HEAD_MODULES = ("projector", "predictor", "classifier")  # not part of the encoder an evaluation reads
+SHAPE_KEYS = tuple(f"model.{k}" for k in ARCH_FIELDS) + ("semppl.queue_size", "num_classes")
+# Fields that define the run's data, schedule and views: a change is refused unless
+# explicitly allowed (``--allow_config_change``).
+RUN_FIELDS = ("dataset.name", "dataset.train_split", "dataset.label_subset", "dataset.label_seed", "seed",
+              "training.batch_size", "views.num_large", "views.num_small", "views.large_size",
+              "views.small_size")
+
+
+class ConfigDriftError(ValueError):
+    """A resume whose config differs from the checkpoint's in fields that define the run."""
+
+
+def _get(config: Any, dotted: str) -> Any:
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
 
 
 def arch_signature(config: Any, num_classes: int) -> dict:
@@ -29,39 +58,93 @@ def arch_signature(config: Any, num_classes: int) -> dict:
     return sig
 
 
+def run_signature(config: Any, num_classes: int, total_steps: int) -> dict:
+    """Everything a resume must agree on: shapes, data, labels, seeds, batch, schedule, views."""
+    sig = arch_signature(config, num_classes)
+    sig.update({k: _json_value(_get(config, k)) for k in RUN_FIELDS})
+    sig["total_steps"] = total_steps
+    return sig
+
+
+def _json_value(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def drift(saved: dict, wanted: dict) -> dict[str, tuple[Any, Any]]:
+    """Fields whose checkpoint value differs from the config's (keys absent from an older
+    checkpoint are not reported)."""
+    return {k: (saved[k], v) for k, v in wanted.items() if k in saved and saved[k] != v}
+
+
+def check_resume(saved: dict, wanted: dict, directory: str, allow_change: bool = False) -> None:
+    changed = drift(saved, wanted)
+    if not changed:
+        return
+    detail = "; ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changed.items())
+    shape = [k for k in changed if k in SHAPE_KEYS]
+    if shape:
+        raise ConfigDriftError(f"the checkpoint in {directory} was made with another model ({detail}); "
+                               f"use a new workdir or the original config")
+    if not allow_change:
+        raise ConfigDriftError(f"resuming {directory} with a config that differs from the run's ({detail}). "
+                               f"Use a new workdir, restore the original values, or pass "
+                               f"--allow_config_change if the change is deliberate.")
+
+
+def save_policy(every_steps: int | None, every_minutes: float | None) -> policies.AnySavePolicy:
+    """Preemption (agreed step), every N steps, and every M minutes as decided by the
+    primary host. The time policy also saves at a fresh run's first step, which checks
+    early that the checkpoint directory is writable."""
+    chosen: list[Any] = [policies.PreemptionCheckpointingPolicy()]
+    if every_steps:
+        chosen.append(policies.FixedIntervalPolicy(int(every_steps)))
+    if every_minutes:
+        chosen.append(policies.ContinuousCheckpointingPolicy(minimum_interval_secs=int(60 * every_minutes)))
+    return policies.AnySavePolicy(chosen)
+
+
 class Checkpointer:
-    def __init__(self, directory: str, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, keep: int, every_steps: int | None = None,
+                 every_minutes: float | None = None, async_save: bool = True, read_only: bool = False):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "meta"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=async_save,
+            save_decision_policy=save_policy(every_steps, every_minutes),
+            cleanup_tmp_directories=not read_only)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
-        return self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process at the same step once any process got a preemption notice."""
+        return self._manager.reached_preemption(step)
+
+    def should_save(self, step: int) -> bool:
+        """The save policy's decision for ``step``: identical on all processes."""
+        return self._manager.should_save(step)
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        """Saves unconditionally (call it on all processes, after an agreed decision)."""
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
     def read_meta(self, step: int | None = None) -> dict:
         step = self._manager.latest_step() if step is None else step
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, abstract_state: Any, meta: dict, step: int | None = None) -> tuple[Any, int]:
-        """Restores into the shapes/shardings of ``abstract_state``; refuses a changed model."""
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
+        """Restores into the shapes/shardings of ``abstract_state``."""
         step = self._manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        saved_meta = self.read_meta(step)
-        changed = {k: (saved_meta.get(k), v) for k, v in meta.items() if saved_meta.get(k) != v}
-        if changed:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"the checkpoint in {self.directory} was made with another model "
-                             f"({detail}); use a new workdir or the original config")
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"], step
+
+    def item_directory(self, step: int, item: str = "state") -> str:
+        return os.path.join(self.directory, str(step), item)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -75,17 +158,65 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def restore_state(workdir: str, config: Any, step: int | None = None) -> tuple[Any, int]:
-    """The train state saved in ``workdir`` (latest, or ``step``), on the default device."""
+def latest_step(workdir: str) -> int | None:
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    ckpt = Checkpointer(directory, keep=1, async_save=False, read_only=True)
+    step = ckpt.latest_step()
+    ckpt.close()
+    return step
+
+
+def restore_encoder(workdir: str, config: Any, step: int | None = None) -> tuple[dict, dict, int]:
+    """The online encoder's parameters and state from ``workdir`` (latest, or ``step``), alone.
+
+    A partial restore: the heads, queue, optimizer state and target network are not
+    read, so an evaluation config whose queue, optimizer or head sizes differ works. Arrays go
+    to this process's first device (every process can address it), and come back
+    as host numpy trees. A different architecture is refused, naming the field.
+    """
     from semppl_jax import update_step
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
-    if ckpt.latest_step() is None:
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False, read_only=True)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        ckpt.close()
         raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
     meta = ckpt.read_meta(step)
+    encoder_sig = {f"model.{k}": config.model[k] for k in ENCODER_FIELDS}
+    check_resume(meta, encoder_sig, ckpt.directory)  # a different encoder: refused, naming the field
     shapes = jax.eval_shape(lambda: update_step.init_state(config, jax.random.key(0), meta["num_classes"], 1, 1))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def encoder_only(tree: dict) -> dict:
+        return {m: v for m, v in tree.items() if m.split("/")[0] not in HEAD_MODULES}
+
+    wanted = {"online_params": encoder_only(shapes.online_params), "online_state": encoder_only(shapes.online_state)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)
+    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
+    reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    restored = reader.restore(ckpt.item_directory(step), args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=restore_args, partial_restore=True))
+    ckpt.close()
+    host = jax.device_get(restored)
+    return host["online_params"], host["online_state"], step
+
+
+def restore_state(workdir: str, config: Any, step: int | None = None) -> tuple[Any, int]:
+    """The whole train state saved in ``workdir`` (latest, or ``step``), on this process's
+    first device (addressable by every process)."""
+    from semppl_jax import update_step
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False, read_only=True)
+    if ckpt.latest_step() is None:
+        ckpt.close()
+        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
+    meta = ckpt.read_meta(step)
+    check_resume(meta, arch_signature(config, meta["num_classes"]), ckpt.directory)
+    shapes = jax.eval_shape(lambda: update_step.init_state(config, jax.random.key(0), meta["num_classes"], 1, 1))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-    state, step = ckpt.restore(abstract, meta, step)
+    state, step = ckpt.restore(abstract, step)
     ckpt.close()
     return state, step

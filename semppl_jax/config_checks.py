@@ -4,11 +4,38 @@ from __future__ import annotations
 
 from typing import Any
 
-from semppl_jax.networks import RESNET_SPECS
+from semppl_jax.networks import REMAT_POLICIES, RESNET_SPECS
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field."""
+
+
+def apply_overrides(config: Any, overrides: list[str]) -> None:
+    """``a.b=value`` strings onto an ml-collections config (what ``--set`` takes in the
+    benchmark scripts). The value is read as JSON (numbers, booleans, lists) or else
+    kept as a string; ml-collections' typed setter then converts it (an int into a
+    float field) or refuses it (2.5 into an int field). An unknown field is an error."""
+    import json
+
+    config.lock()
+    try:
+        for item in overrides:
+            path, sep, text = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r}: expected field=value")
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = text
+            try:
+                config.update_from_flattened_dict({path: value})
+            except (KeyError, AttributeError) as e:
+                raise ConfigError(f"override {item!r}: the config has no field {path!r}") from e
+            except TypeError as e:
+                raise ConfigError(f"override {item!r}: {e}") from e
+    finally:
+        config.unlock()
 
 
 def _require(ok: bool, field: str, message: str) -> None:
@@ -51,6 +78,8 @@ def validate(config: Any, num_devices: int, num_processes: int = 1, num_train: i
         lo, hi = getattr(v, name)
         _require(0 < lo <= hi, f"views.{name}", f"need 0 < low <= high, got {(lo, hi)}")
     _require(m.depth in RESNET_SPECS, "model.depth", f"{m.depth!r} is not one of {sorted(RESNET_SPECS)}")
+    _require(m.get("remat", "none") in REMAT_POLICIES, "model.remat",
+             f"{m.get('remat')!r} is not one of {sorted(REMAT_POLICIES)}")
     _require(m.width_multiplier >= 1, "model.width_multiplier", f"must be >= 1, got {m.width_multiplier}")
     if m.sk_ratio > 0:
         _require(RESNET_SPECS[m.depth].bottleneck, "model.sk_ratio",

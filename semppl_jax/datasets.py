@@ -17,8 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 SUBSET_FILES = {"1pct": "1percent.txt", "10pct": "10percent.txt"}
-# The checkout's sibling shared/ folder holds copies of SimCLR's lists.
-DEFAULT_SUBSET_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagenet_subsets")
+# Where SimCLR's lists are looked for when neither subset_cache_dir nor $SEMPPL_SUBSET_DIR is set.
+DEFAULT_SUBSET_DIR = os.path.join(os.path.expanduser("~"), ".cache", "semppl_jax", "imagenet_subsets")
 SIMCLR_SUBSET_URL = ("https://raw.githubusercontent.com/google-research/simclr/master/"
                      "imagenet_subsets/{}")
 
@@ -31,6 +31,7 @@ class Source:
     encoded: bool  # images are JPEG bytes (decode-and-crop in one op)
     labels: np.ndarray | None = None  # all true labels, when cheap to know up front
     file_names: np.ndarray | None = None
+    skipped: tuple[str, ...] = ()  # files left out because they could not be decoded
 
 
 def _array_source(images: np.ndarray, labels: np.ndarray, num_classes: int, prefix: str) -> Source:
@@ -82,7 +83,7 @@ def mnist5k_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_source(name: str, split: str, data_dir: str | None = None, synthetic_size: int = 512,
-                synthetic_image_size: int = 40, seed: int = 0) -> Source:
+                synthetic_image_size: int = 40, seed: int = 0, validate_images: bool | None = None) -> Source:
     """Resolves ``dataset.name`` to a :class:`Source` for ``split``."""
     if name == "synthetic":
         num = synthetic_size if split == "train" else max(synthetic_size // 4, 10)
@@ -91,13 +92,14 @@ def load_source(name: str, split: str, data_dir: str | None = None, synthetic_si
     if name == "mnist5k":
         images, labels = mnist5k_arrays(split)
         return _array_source(images, labels, 10, f"mnist5k_{split}")
-    return _tfds_source(name, split, data_dir)
+    return _tfds_source(name, split, data_dir, validate_images)
 
 
 def load_split(config: Any, split: str) -> Source:
     """``load_source`` for ``split`` with the config's dataset fields."""
     d = config.dataset
-    return load_source(d.name, split, d.data_dir, d.synthetic_size, d.synthetic_image_size, config.seed)
+    return load_source(d.name, split, d.data_dir, d.synthetic_size, d.synthetic_image_size, config.seed,
+                       d.get("validate_images"))
 
 
 def config_labelled_mask(config: Any, source: Source) -> np.ndarray:
@@ -106,7 +108,7 @@ def config_labelled_mask(config: Any, source: Source) -> np.ndarray:
     return labelled_mask(source, d.label_subset, d.label_seed, d.subset_cache_dir, d.fetch_subsets)
 
 
-def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
+def _tfds_source(name: str, split: str, data_dir: str | None, validate_images: bool | None = None) -> Source:
     import tensorflow_datasets as tfds
 
     if name.startswith("folder:"):
@@ -144,8 +146,43 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
         return dict(image=ex["image"], true_label=tf.cast(ex["label"], tf.int32),
                     image_id=tf.cast(index, tf.int32), file_name=file_name)
 
-    ds = ds.enumerate().map(convert, num_parallel_calls=tf.data.AUTOTUNE)
-    return Source(ds, num_examples, num_classes, encoded=True)
+    # A corrupt record (e.g. a truncated TFRecord shard) is dropped with a warning, not fatal.
+    ds = ds.ignore_errors(log_warning=True).enumerate().map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+    source = Source(ds, num_examples, num_classes, encoded=True)
+    if validate_images if validate_images is not None else name.startswith("folder:"):
+        source = _drop_undecodable(source)
+    return source
+
+
+def _drop_undecodable(source: Source) -> Source:
+    """Decodes every image once and leaves out those that fail, naming each in a warning.
+
+    Done up front (not mid-run) so that a bad file neither kills training at the same
+    step on every resume nor desynchronises processes: the remaining images are
+    re-indexed 0..n-1, and every pipeline built on the source is deterministic again.
+    """
+    from absl import logging
+
+    from semppl_jax.input_pipeline import decode
+
+    probe = source.dataset.map(lambda ex: (ex["image_id"], tf.shape(decode(ex["image"], True))[0]),
+                               num_parallel_calls=tf.data.AUTOTUNE)
+    good = np.zeros(source.num_examples, bool)
+    for ids, _ in probe.ignore_errors().batch(4096).as_numpy_iterator():
+        good[ids] = True
+    if good.all():
+        return source
+    names = _collect(source, "file_name")
+    skipped = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names[~good])
+    for name in skipped:
+        logging.warning("skipping an image that cannot be decoded: %s", name)
+    if not good.any():
+        raise ValueError(f"none of the {source.num_examples} images could be decoded (e.g. {skipped[0]})")
+    keep = tf.constant(good)
+    ds = source.dataset.filter(lambda ex: tf.gather(keep, ex["image_id"])).enumerate()
+    ds = ds.map(lambda i, ex: dict(ex, image_id=tf.cast(i, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
+    labels = None if source.labels is None else source.labels[good]
+    return Source(ds, int(good.sum()), source.num_classes, source.encoded, labels, names[good], skipped)
 
 
 # ----------------------------------------------------------------------------- label subsets
@@ -154,8 +191,8 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Source:
 def resolve_subset_file(spec: str, cache_dir: str | None, fetch: bool = False) -> str:
     """'1pct'/'10pct' -> a local copy of SimCLR's list.
 
-    Looked up in ``cache_dir``, ``$SEMPPL_SUBSET_DIR`` and the checkout's sibling
-    ``shared/`` folder; downloaded into ``cache_dir`` only when ``fetch`` is set.
+    Looked up in ``cache_dir``, ``$SEMPPL_SUBSET_DIR`` and ``~/.cache/semppl_jax/imagenet_subsets``;
+    downloaded into ``cache_dir`` only when ``fetch`` is set.
     """
     fname = SUBSET_FILES[spec]
     candidates = [os.path.join(d, fname) for d in

@@ -1,6 +1,6 @@
 """The base configuration every preset in ``experiments/`` starts from.
 
-Values follow ``shared/reference/semppl_method.md``; where the paper could not
+Values follow ``docs/method.md``; where the paper could not
 be checked, the comment says "best reading" and where the value comes from.
 Durations are in epochs (converted with the dataset size) unless
 ``training.num_steps`` is set.
@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
         synthetic_size=512,  # images in the 'synthetic' dataset
         synthetic_image_size=40,
         shuffle_buffer=10_000,
+        # Decode every image once at start-up and leave out (with a warning naming each)
+        # those that fail. None: on for 'folder:' datasets, off for prepared TFDS ones.
+        validate_images=ml_collections.FieldReference(None, field_type=bool),
     ))
 
     c.views = ml_collections.ConfigDict(dict(
@@ -58,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
         sk_ratio=0.0,  # 0.0625 gives SimCLRv2's selective kernels
         bn_decay=0.9,  # BYOL's BN EMA decay
         projector_hidden_size=4096, predictor_hidden_size=4096, projection_size=256,
+        # Rematerialisation per ResNet block (jax.checkpoint): 'none', 'block' (keep block
+        # inputs, recompute the rest: least memory) or 'block_save_convs' (keep conv outputs).
+        remat="none",
     ))
 
     c.semppl = ml_collections.ConfigDict(dict(
@@ -67,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
         knn_k=1, num_positives=3,
         queue_size=20_480,  # best reading: entries (one per labelled image and large view)
         knn_query="target",  # 'target' projections (method default) or 'online' predictions
+        knn_approx=False,  # lax.approx_max_k for the k-NN (TPU's fast top-k; exact elsewhere)
         num_negatives=ml_collections.FieldReference(None, field_type=int),  # None: all B-1
         same_crop_pairs=False,
     ))
@@ -85,6 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
         eval_every_steps=ml_collections.FieldReference(None, field_type=int),  # online k-NN eval
         eval_max_examples=ml_collections.FieldReference(None, field_type=int),
         compute_dtype="float32",  # 'bfloat16' for mixed precision
+        # Collapse guard, checked at log steps after warm-up: the spread of the normalised
+        # online projections below collapse_std_fraction / sqrt(D), or L_augm / log(candidates)
+        # above collapse_loss_ratio (InfoNCE at chance). Warns once; stop_on_collapse stops
+        # the run with a checkpoint.
+        collapse_std_fraction=0.25, collapse_loss_ratio=0.995, stop_on_collapse=False,
     ))
 
     # Evaluation (``experiments/eval.py`` sets the protocol's defaults).

@@ -55,15 +55,35 @@ def make_classifier(model_cfg: Any, num_classes: int, axis_name: str | None,
     return hk.transform_with_state(forward)
 
 
-def load_pretrained(checkpoint: str, config: Any) -> tuple[dict, dict]:
-    """Online params/state from our workdir (Orbax) or a released-format pickle."""
+class Pretrained(NamedTuple):
+    params: dict  # online encoder (+ heads) parameters, host numpy
+    state: dict
+    step: int
+    source: str  # the checkpoint directory or pickle it came from
+
+
+def load_pretrained(checkpoint: str, config: Any) -> Pretrained:
+    """The online network from our workdir (Orbax, a partial restore of the online
+    parameters and state alone) or from a released-format ``pretrain.pkl``.
+
+    Given a workdir holding both, the newer of its latest checkpoint and its
+    ``pretrain.pkl`` is used (a stale export never shadows a newer checkpoint).
+    """
     from semppl_jax import checkpointing, export
 
-    if checkpoint.endswith(".pkl") or os.path.exists(os.path.join(checkpoint, "pretrain.pkl")):
-        params, state, _ = export.load_pretrain_pkl(checkpoint)
-        return params, state
-    state, _ = checkpointing.restore_state(checkpoint, config)
-    return jax.device_get(state.online_params), jax.device_get(state.online_state)
+    if checkpoint.endswith(".pkl"):
+        params, state, step = export.load_pretrain_pkl(checkpoint)
+        return Pretrained(params, state, step, checkpoint)
+    pkl = os.path.join(checkpoint, "pretrain.pkl")
+    ckpt_step = checkpointing.latest_step(checkpoint)
+    if os.path.exists(pkl):
+        params, state, step = export.load_pretrain_pkl(pkl)
+        if ckpt_step is None or step >= ckpt_step:
+            return Pretrained(params, state, step, pkl)
+    if ckpt_step is None:
+        raise FileNotFoundError(f"{checkpoint!r} holds neither checkpoints/ nor pretrain.pkl")
+    params, state, step = checkpointing.restore_encoder(checkpoint, config, ckpt_step)
+    return Pretrained(params, state, step, os.path.join(checkpoint, "checkpoints", str(step)))
 
 
 def transplant(params: dict, state: dict, pre_params: dict, pre_state: dict) -> tuple[dict, dict]:

@@ -1,7 +1,7 @@
 """tf.data pipelines: multi-crop training views and centre-crop evaluation batches.
 
-Crops change shapes, so they are cut here on the host (JPEG decode-and-crop in
-one op for encoded sources); colour augmentations keep shapes and run on device
+Crops change shapes, so they are cut here on the host (each image decoded once,
+every view cut from it); colour augmentations keep shapes and run on device
 (``augment.py``). Every random draw comes from a stateless seed derived from
 (run seed, element position), so a pipeline restarted at step ``s`` yields the
 same batches as one that ran through.
@@ -28,41 +28,38 @@ def _process_slice(source: Source, process_index: int, process_count: int) -> tu
     return ds, per_process
 
 
-def _image_shape(image: tf.Tensor, encoded: bool) -> tf.Tensor:
-    return tf.image.extract_jpeg_shape(image) if encoded else tf.shape(image)
-
-
-def _crop_and_resize(image: tf.Tensor, encoded: bool, offset: tf.Tensor, size: tf.Tensor,
-                     out_size: int) -> tf.Tensor:
+def decode(image: tf.Tensor, encoded: bool) -> tf.Tensor:
+    """Encoded bytes (JPEG, PNG, GIF, BMP: whatever ImageFolder lists) or pixels -> uint8 [H, W, 3]."""
     if encoded:
-        window = tf.stack([offset[0], offset[1], size[0], size[1]])
-        crop = tf.image.decode_and_crop_jpeg(image, window, channels=3)
-    else:
-        crop = tf.slice(image, tf.stack([offset[0], offset[1], 0]), tf.stack([size[0], size[1], -1]))
-        if crop.shape[-1] == 1:
-            crop = tf.repeat(crop, 3, axis=-1)
+        image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    elif image.shape[-1] == 1:
+        image = tf.repeat(image, 3, axis=-1)
+    return image
+
+
+def _crop_and_resize(image: tf.Tensor, offset: tf.Tensor, size: tf.Tensor, out_size: int) -> tf.Tensor:
+    crop = tf.slice(image, tf.stack([offset[0], offset[1], 0]), tf.stack([size[0], size[1], -1]))
     crop = tf.image.resize(crop, [out_size, out_size], method="bicubic")
     return tf.cast(tf.clip_by_value(tf.round(crop), 0.0, 255.0), tf.uint8)
 
 
-def random_resized_crop(image: tf.Tensor, encoded: bool, seed: tf.Tensor, out_size: int,
-                        scale: tuple[float, float], ratio: tuple[float, float]) -> tf.Tensor:
-    """Inception-style crop (area and aspect ranges), stateless."""
-    shape = _image_shape(image, encoded)
+def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, out_size: int, scale: tuple[float, float],
+                        ratio: tuple[float, float]) -> tf.Tensor:
+    """Inception-style crop (area and aspect ranges) of a decoded image, stateless."""
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=seed,
+        tf.shape(image), bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=seed,
         min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
         use_image_if_no_bounding_boxes=True)
-    return _crop_and_resize(image, encoded, begin[:2], size[:2], out_size)
+    return _crop_and_resize(image, begin[:2], size[:2], out_size)
 
 
-def center_crop(image: tf.Tensor, encoded: bool, out_size: int, resize: int) -> tf.Tensor:
-    """Central ``out_size/resize`` fraction of the shorter side, resized to ``out_size``."""
-    shape = _image_shape(image, encoded)
+def center_crop(image: tf.Tensor, out_size: int, resize: int) -> tf.Tensor:
+    """Central ``out_size/resize`` fraction of the shorter side of a decoded image, resized to ``out_size``."""
+    shape = tf.shape(image)
     h, w = shape[0], shape[1]
     crop = tf.cast(out_size / resize * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
     offset = tf.stack([(h - crop + 1) // 2, (w - crop + 1) // 2])
-    return _crop_and_resize(image, encoded, offset, tf.stack([crop, crop]), out_size)
+    return _crop_and_resize(image, offset, tf.stack([crop, crop]), out_size)
 
 
 def _with_labels(ds: tf.data.Dataset, labelled: np.ndarray) -> tf.data.Dataset:
@@ -113,10 +110,11 @@ def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch
     def make_views(position, ex):
         base = tf.stack([tf.constant(seed, tf.int64), position + start_step * local_batch])
         seeds = tf.random.experimental.stateless_split(base, views.num_large + views.num_small)
-        large = [random_resized_crop(ex["image"], encoded, seeds[v], views.large_size,
-                                     tuple(views.large_scale), tuple(views.aspect_ratio))
+        image = decode(ex["image"], encoded)  # once; every view is cut from it
+        large = [random_resized_crop(image, seeds[v], views.large_size, tuple(views.large_scale),
+                                     tuple(views.aspect_ratio))
                  for v in range(views.num_large)]
-        small = [random_resized_crop(ex["image"], encoded, seeds[views.num_large + v], views.small_size,
+        small = [random_resized_crop(image, seeds[views.num_large + v], views.small_size,
                                      tuple(views.small_scale), tuple(views.aspect_ratio))
                  for v in range(views.num_small)]
         small = tf.stack(small) if small else tf.zeros([0, views.small_size, views.small_size, 3], tf.uint8)
@@ -180,7 +178,7 @@ def eval_dataset(source: Source, config: Any, local_batch: int, process_index: i
 
     @tf.autograph.experimental.do_not_convert
     def prep(ex):
-        return dict(image=center_crop(ex["image"], source.encoded, views.eval_size, views.eval_resize),
+        return dict(image=center_crop(decode(ex["image"], source.encoded), views.eval_size, views.eval_resize),
                     label=ex["true_label"], image_id=ex["image_id"], mask=tf.constant(True))
 
     ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

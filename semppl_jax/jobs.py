@@ -2,13 +2,19 @@
 
 Plain functions of (config, workdir), so the launcher, the demo and the tests
 call the same code. ``train`` reads top to bottom: devices -> config checks ->
-data -> state (fresh or restored) -> loop (step, log, checkpoint, online
-k-NN) -> final checkpoint and summary.
+data -> run signature and resume check -> state (fresh or restored) -> compile
+and memory check -> loop (step, log, collapse guard, agreed save/stop) -> final
+checkpoint and summary.
+
+Multi-host rule: every decision that leads into a collective (save, stop,
+skip, eval) is made from values that are identical on all processes: the step
+number, metrics that are already all-reduced, Orbax's save policies (the time
+policy is decided on the primary host and broadcast) and JAX's preemption sync
+point. Files that are not Orbax's are written by process 0 alone, atomically.
 """
 
 from __future__ import annotations
 
-import json
 import logging as pylogging
 import math
 import os
@@ -16,6 +22,23 @@ import signal
 import time
 
 from absl import logging
+
+# Exit status of a run stopped by a preemption notice after saving: EX_TEMPFAIL from
+# sysexits.h ("temporary failure, try again"). Non-zero so that schedulers do not
+# mark the job Completed; distinct from crashes (1) and from being killed (137, 143).
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+    """The run saved a checkpoint at an agreed step and stopped on a preemption notice."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted: saved step {step}; rerun the same command to resume")
+        self.step = step
+
+
+class CollapseError(RuntimeError):
+    """``training.stop_on_collapse``: a collapse signal fired after warm-up."""
 
 
 class QuietOrbax(pylogging.Filter):
@@ -25,33 +48,37 @@ class QuietOrbax(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
-def memory_report(compiled) -> str:
-    """Per-device memory of a compiled step (XLA's memory analysis), for a fits-or-not
-    answer before the first step. Not every backend reports it."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception as e:  # noqa: BLE001 - a backend without the analysis must not stop training
-        return f"memory analysis unavailable ({type(e).__name__})"
-    if m is None:
-        return "memory analysis unavailable on this backend"
-    gib = 1024 ** 3
-    args, out, temp = m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes
-    alias = getattr(m, "alias_size_in_bytes", 0)
-    total = args + out + temp - alias
-    return (f"per-device memory: arguments {args / gib:.3f} GiB, outputs {out / gib:.3f} GiB, "
-            f"temporaries {temp / gib:.3f} GiB, aliased (donated) {alias / gib:.3f} GiB; "
-            f"peak about {total / gib:.3f} GiB")
+def collapse_signals(scalars: dict, projection_size: int, t) -> list[str]:
+    """Names of the collapse signals that fire: the embedding spread far below the
+    healthy ~1/sqrt(D), or the InfoNCE loss at chance (L_augm / log(candidates) ~ 1)."""
+    fired = []
+    floor = t.collapse_std_fraction / math.sqrt(projection_size)
+    if scalars["embedding_std"] < floor:
+        fired.append(f"embedding_std {scalars['embedding_std']:.4f} < {floor:.4f} "
+                     f"({t.collapse_std_fraction} / sqrt({projection_size}))")
+    if scalars["l_augm_ratio"] > t.collapse_loss_ratio:
+        fired.append(f"l_augm_ratio {scalars['l_augm_ratio']:.4f} > {t.collapse_loss_ratio} "
+                     f"(L_augm at chance)")
+    return fired
 
 
 def export(config, workdir: str) -> str:
-    """Writes ``workdir/pretrain.pkl`` (released format) from the latest checkpoint."""
+    """Writes ``workdir/pretrain.pkl`` (released format) from the latest checkpoint.
+
+    Every process restores (onto its own first device); only process 0 writes."""
+    import jax
+    from jax.experimental import multihost_utils
+
     from semppl_jax import checkpointing
     from semppl_jax import export as export_lib
 
     state, step = checkpointing.restore_state(workdir, config)
-    path = export_lib.export_pretrain_pkl(state, os.path.join(workdir, "pretrain.pkl"))
-    logging.info("exported step %d to %s", step, path)
-    print(path)
+    path = os.path.join(workdir, "pretrain.pkl")
+    if jax.process_index() == 0:
+        export_lib.export_pretrain_pkl(state, path)
+        logging.info("exported step %d to %s", step, path)
+        print(path)
+    multihost_utils.sync_global_devices("semppl_export_done")
     return path
 
 
@@ -60,6 +87,7 @@ def evaluate(config, workdir: str) -> dict:
     import jax
 
     from semppl_jax import config_checks, datasets, evaluation, update_step
+    from semppl_jax.metric_writers import write_json_atomic
 
     e = config.eval
     config_checks.validate(config, jax.device_count(), jax.process_count())
@@ -78,66 +106,93 @@ def evaluate(config, workdir: str) -> dict:
         net = evaluation.make_classifier(config.model, train_source.num_classes, None)
         size = config.views.eval_size
         params, net_state = net.init(jax.random.key(0), jax.numpy.zeros((2, size, size, 3)), True)
-        params, net_state = update_step.replicate(evaluation.transplant(params, net_state, *pretrained), mesh)
+        params, net_state = update_step.replicate(
+            evaluation.transplant(params, net_state, pretrained.params, pretrained.state), mesh)
         result = evaluation.knn_eval(net, params, net_state, train_source, labelled, test_source, config, mesh,
                                      e.max_test_examples)
     else:
-        result = evaluation.train_classifier(config, train_source, labelled, test_source, mesh, pretrained,
+        result = evaluation.train_classifier(config, train_source, labelled, test_source, mesh,
+                                             None if pretrained is None else (pretrained.params, pretrained.state),
                                              e.protocol)
-    result = dict(protocol=e.protocol, checkpoint=checkpoint, **result)
+    result = dict(protocol=e.protocol, checkpoint=checkpoint,
+                  checkpoint_file=None if pretrained is None else pretrained.source,
+                  step=None if pretrained is None else pretrained.step, **result)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         # The latest result, and one file per protocol so that several evaluations coexist.
         for name in ("eval_results.json", f"eval_results_{e.protocol}.json"):
-            with open(os.path.join(workdir, name), "w") as f:
-                json.dump(result, f, indent=2)
-        print(json.dumps(result, indent=2))
+            write_json_atomic(os.path.join(workdir, name), result)
+        print(result)
     return result
 
 
-def train(config, workdir: str, stop_after: int | None = None) -> dict:
-    """Pretrains (or resumes) in ``workdir``; returns the last logged metrics."""
-    import jax
-    import numpy as np
+def train(config, workdir: str, stop_after: int | None = None, allow_config_change: bool = False) -> dict:
+    """Pretrains (or resumes) in ``workdir``; returns the last logged metrics.
 
-    from semppl_jax import checkpointing, config_checks, datasets, evaluation, input_pipeline, update_step
-    from semppl_jax.metric_writers import MetricWriter, Progress
+    Raises :class:`Preempted` after saving when a preemption notice (SIGTERM) arrived,
+    and :class:`CollapseError` (after saving) when ``training.stop_on_collapse`` is set
+    and a collapse signal fires after warm-up.
+    """
+    import jax
+
+    from semppl_jax import checkpointing, config_checks, datasets, evaluation, input_pipeline, memory, update_step
+    from semppl_jax.metric_writers import MetricWriter, Progress, write_json_atomic
 
     is_main = jax.process_index() == 0
     num_devices, num_processes = jax.device_count(), jax.process_count()
     config_checks.validate(config, num_devices, num_processes)
+    t = config.training
 
     # Data: which images carry labels is decided once, from the seed.
     source = datasets.load_split(config, config.dataset.train_split)
     config_checks.validate(config, num_devices, num_processes, source.num_examples, source.num_classes)
     labelled = datasets.config_labelled_mask(config, source)
-    steps_per_epoch = max(1, source.num_examples // config.training.batch_size)
-    total_steps = config.training.num_steps or int(math.ceil(config.training.num_epochs * steps_per_epoch))
-    local_batch = config.training.batch_size // num_processes
+    steps_per_epoch = max(1, source.num_examples // t.batch_size)
+    total_steps = t.num_steps or int(math.ceil(t.num_epochs * steps_per_epoch))
+    warmup_steps = int(round(config.optim.warmup_epochs * steps_per_epoch))
+    local_batch = t.batch_size // num_processes
 
+    # The run's identity, checked against the checkpoint before anything is written.
+    meta = checkpointing.run_signature(config, source.num_classes, total_steps)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
+                                      t.checkpoint_every_steps, t.checkpoint_every_minutes)
+    resume_step = ckpt.latest_step()
+    if resume_step is not None:
+        try:
+            checkpointing.check_resume(ckpt.read_meta(resume_step), meta, ckpt.directory, allow_config_change)
+        except checkpointing.ConfigDriftError:
+            ckpt.close()
+            raise
     if is_main:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
     logging.info("devices: %d (%d local) on %d processes, platform %s; global batch %d, per device %d",
                  num_devices, jax.local_device_count(), num_processes, jax.devices()[0].platform,
-                 config.training.batch_size, config.training.batch_size // num_devices)
-    logging.info("train set: %d images, %d classes, %d labelled (%.2f%%); %d steps (%d per epoch)",
-                 source.num_examples, source.num_classes, labelled.sum(), 100 * labelled.mean(),
-                 total_steps, steps_per_epoch)
+                 t.batch_size, t.batch_size // num_devices)
+    logging.info("train set: %d images (%d unreadable, left out), %d classes, %d labelled (%.2f%%); %d steps "
+                 "(%d per epoch)", source.num_examples, len(source.skipped), source.num_classes, labelled.sum(),
+                 100 * labelled.mean(), total_steps, steps_per_epoch)
 
     # State: fresh, or the latest checkpoint of this workdir.
     mesh = update_step.make_mesh()
-    key = jax.random.key(config.seed)
     state = update_step.replicate(
-        update_step.init_state(config, key, source.num_classes, total_steps, steps_per_epoch), mesh)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), config.training.keep_checkpoints)
-    meta = checkpointing.arch_signature(config, source.num_classes)
-    if ckpt.latest_step() is not None:
-        state, restored_step = ckpt.restore(checkpointing.abstract_like(state), meta)
-        logging.info("resumed from step %d of %s", restored_step, ckpt.directory)
+        update_step.init_state(config, jax.random.key(config.seed), source.num_classes, total_steps,
+                               steps_per_epoch), mesh)
+    if resume_step is not None:
+        state, _ = ckpt.restore(checkpointing.abstract_like(state), resume_step)
+        logging.info("resumed from step %d of %s", resume_step, ckpt.directory)
     start_step = int(jax.device_get(state.step))
     end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
+    summary_path = os.path.join(workdir, "train_summary.json")
+    if start_step >= end_step:  # nothing left to do: keep the finished run's summary
+        ckpt.close()
+        logging.info("step %d of %d already reached in %s: nothing to train", start_step, total_steps, workdir)
+        if os.path.exists(summary_path):
+            import json
+
+            with open(summary_path) as f:
+                return json.load(f)
+        return dict(step=start_step, total_steps=total_steps)
 
     transposed = config.views.transpose_images
     step_fn = update_step.shard_step(
@@ -146,64 +201,87 @@ def train(config, workdir: str, stop_after: int | None = None) -> dict:
                                             jax.process_index(), num_processes, start_step)
     batches = train_ds.as_numpy_iterator()
 
-    stop = {"signal": None}
+    # Preemption. With several processes, JAX's preemption service (started by
+    # jax.distributed.initialize) catches SIGTERM on any host and agrees on a step; a
+    # Python handler would replace its C handler, so none is installed then. A single
+    # process has no such service: a Python handler sets a flag, read once a step.
+    local_signal: dict[str, int | None] = {"signal": None}
+    previous_handler = None
+    if num_processes == 1:
+        def on_signal(signum, _frame):
+            local_signal["signal"] = signum
 
-    def on_signal(signum, _frame):  # preemption: finish the step, save, exit
-        stop["signal"] = signum
+        previous_handler = signal.signal(signal.SIGTERM, on_signal)
 
-    previous_handler = signal.signal(signal.SIGTERM, on_signal)
-    eval_every = config.training.eval_every_steps
+    eval_every = t.eval_every_steps
     online_knn = evaluation.OnlineKnn(config, source, labelled, mesh) if eval_every else None
-    writer = MetricWriter(workdir) if is_main else None
+    writer = MetricWriter(workdir, resume_step=start_step) if is_main else None
     progress = Progress(total_steps, start_step)
-    last_ckpt_time = time.time()
-    log_every = config.training.log_every_steps
     step, scalars, t_log = start_step, {}, time.time()
     images_since_log = 0
     compiled = None
-    while step < end_step:
-        batch = update_step.shard_batch(next(batches), mesh, transposed)
-        if compiled is None:  # compile once, explicitly, to report memory before the first step
-            t_compile = time.time()
-            compiled = step_fn.lower(state, batch).compile()
-            logging.info("compiled the update step in %.1fs; %s", time.time() - t_compile,
-                         memory_report(compiled))
-        state, metrics = compiled(state, batch)
-        step += 1
-        images_since_log += config.training.batch_size
-        eval_due = bool(eval_every) and (step % eval_every == 0 or step == total_steps)
-        if step % log_every == 0 or step == end_step or eval_due:
-            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if eval_due:
-                scalars.update(online_knn(state.online_params, state.online_state))
-            if not all(np.isfinite(v) for v in scalars.values()):
-                ckpt.close()
-                raise FloatingPointError(f"non-finite metrics at step {step}: {scalars}")
-            now = time.time()
-            scalars["images_per_sec"] = images_since_log / max(now - t_log, 1e-9)
-            scalars["step_time_sec"] = (now - t_log) * config.training.batch_size / max(images_since_log, 1)
-            t_log, images_since_log = now, 0
-            if writer:
-                writer.write(step, scalars)
-            logging.info("%s | loss %.4f pl-acc %.3f sempos %.2f queue %.2f lr %.4f%s",
-                         progress.line(step, progress.rate(step)), scalars["loss"],
-                         scalars["pseudo_label_accuracy"], scalars["semantic_positive_fraction"],
-                         scalars["queue_fill"], scalars["learning_rate"],
-                         f" knn-top1 {scalars['knn_top1']:.3f}" if "knn_top1" in scalars else "")
-        due = (step % config.training.checkpoint_every_steps == 0
-               or time.time() - last_ckpt_time > 60 * config.training.checkpoint_every_minutes)
-        if due or stop["signal"] is not None or step == end_step:
-            ckpt.save(step, state, meta, force=True)
-            last_ckpt_time = time.time()
-        if stop["signal"] is not None:
-            logging.warning("signal %d: saved step %d, exiting", stop["signal"], step)
-            break
-    ckpt.close()
-    signal.signal(signal.SIGTERM, previous_handler)
+    collapse_warned = False
+    try:
+        while step < end_step:
+            batch = update_step.shard_batch(next(batches), mesh, transposed)
+            if compiled is None:  # compile once, explicitly, to check memory before the first step
+                t_compile = time.time()
+                compiled = step_fn.lower(state, batch).compile()
+                usage = memory.step_bytes(compiled)
+                logging.info("compiled the update step in %.1fs; %s", time.time() - t_compile, memory.report(usage))
+                memory.check_fits(usage, memory.device_limit(jax.local_devices()[0]), config, num_devices)
+            state, metrics = compiled(state, batch)
+            step += 1
+            images_since_log += t.batch_size
+            preempted = local_signal["signal"] is not None or ckpt.reached_preemption(step)
+
+            eval_due = bool(eval_every) and (step % eval_every == 0 or step == total_steps)
+            collapsed: list[str] = []
+            if step % t.log_every_steps == 0 or step == end_step or eval_due:
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not scalars.pop("finite"):
+                    raise FloatingPointError(f"non-finite state or loss at step {step} (not saved): {scalars}")
+                if eval_due:
+                    scalars.update(online_knn(state.online_params, state.online_state))
+                now = time.time()
+                scalars["images_per_sec"] = images_since_log / max(now - t_log, 1e-9)
+                scalars["step_time_sec"] = (now - t_log) * t.batch_size / max(images_since_log, 1)
+                scalars["skipped_images"] = float(len(source.skipped))
+                t_log, images_since_log = now, 0
+                if writer:
+                    writer.write(step, scalars)
+                logging.info("%s | loss %.4f l_augm/log(B) %.3f emb-std %.4f pl-acc %.3f queue %.2f lr %.4f%s",
+                             progress.line(step, progress.rate(step)), scalars["loss"], scalars["l_augm_ratio"],
+                             scalars["embedding_std"], scalars["pseudo_label_accuracy"], scalars["queue_fill"],
+                             scalars["learning_rate"],
+                             f" knn-top1 {scalars['knn_top1']:.3f}" if "knn_top1" in scalars else "")
+                if step > warmup_steps:  # metrics are all-reduced: every process decides alike
+                    collapsed = collapse_signals(scalars, config.model.projection_size, t)
+                    if collapsed and not collapse_warned:
+                        logging.warning("collapse at step %d: %s. Lower semppl.lam or the learning rate; "
+                                        "training.stop_on_collapse=True stops here.", step, "; ".join(collapsed))
+                        collapse_warned = True
+            stop_collapse = bool(collapsed) and t.stop_on_collapse
+
+            if preempted or stop_collapse or step == end_step or ckpt.should_save(step):
+                if not bool(jax.device_get(metrics["finite"])):  # replicated: the same on every process
+                    raise FloatingPointError(f"non-finite state at step {step}: not saved; the last "
+                                             f"checkpoint ({ckpt.latest_step()}) is intact")
+                ckpt.save(step, state, meta)
+            if preempted:
+                logging.warning("preemption notice: saved step %d, exiting (status %d)", step, PREEMPTED_EXIT_CODE)
+                raise Preempted(step)
+            if stop_collapse:
+                raise CollapseError(f"stopped at step {step} (checkpoint saved): collapse signal "
+                                    f"{'; '.join(collapsed)}")
+    finally:
+        ckpt.close()  # waits for an async save in flight
+        if writer:
+            writer.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     summary = dict(step=step, total_steps=total_steps, **scalars)
-    if writer:
-        writer.close()
-        with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(json.dumps(summary, indent=2))
+    if is_main:
+        write_json_atomic(summary_path, summary)
+        print(summary)
     return summary

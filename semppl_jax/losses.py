@@ -12,6 +12,7 @@ and must be normalised globally by the caller).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,50 +53,92 @@ def all_logits(online: jax.Array, targets: jax.Array, temperature: float,
     return logits
 
 
-def augmentation_loss(online: jax.Array, targets: jax.Array, positive_index: jax.Array,
-                      pairs: Sequence[tuple[int, int]], temperature: float,
-                      candidate_mask: jax.Array | None = None) -> jax.Array:
+class SharedLogits(NamedTuple):
+    """One similarity tensor per step, shared by the three loss terms."""
+
+    log_p: jax.Array  # [V, L, b, B] log-softmax over the candidates an anchor may see
+    lse: jax.Array  # [V, L, b] their log-sum-exp (the softmax normaliser)
+    own_log_p: jax.Array  # [V, L, b] log-probability of the augmentation positive
+
+
+def shared_logits(online: jax.Array, targets: jax.Array, positive_index: jax.Array, temperature: float,
+                  candidate_mask: jax.Array | None = None) -> SharedLogits:
+    logits = all_logits(online, targets, temperature, candidate_mask)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    log_p = logits - lse[..., None]
+    own = jnp.take_along_axis(log_p, positive_index[None, None, :, None], axis=-1)[..., 0]
+    return SharedLogits(log_p, lse, own)
+
+
+def augmentation_from(sh: SharedLogits, pairs: Sequence[tuple[int, int]]) -> jax.Array:
     """InfoNCE: each view's prediction must pick its own image among the targets."""
-    w = pair_weights(pairs, online.shape[0], targets.shape[0])
-    log_p = jax.nn.log_softmax(all_logits(online, targets, temperature, candidate_mask), axis=-1)
-    nll = -jnp.take_along_axis(log_p, positive_index[None, None, :, None], axis=-1)[..., 0]  # [V, L, b]
-    return jnp.sum(nll * w[:, :, None]) / (w.sum() * online.shape[1])
+    num_views, num_large, b = sh.own_log_p.shape
+    w = pair_weights(pairs, num_views, num_large)
+    return -jnp.sum(sh.own_log_p * w[:, :, None]) / (w.sum() * b)
 
 
-def invariance_penalty(online: jax.Array, targets: jax.Array, large_pairs: Sequence[tuple[int, int]],
-                       temperature: float, candidate_mask: jax.Array | None = None) -> jax.Array:
+def invariance_from(sh: SharedLogits, large_pairs: Sequence[tuple[int, int]]) -> jax.Array:
     """ReLIC's symmetric KL between the similarity distributions of two large views:
     ``KL(sg(p^vu) || p^uv) + KL(sg(p^uv) || p^vu)``, averaged over pairs and images."""
+    num_large, b = sh.log_p.shape[1], sh.log_p.shape[2]
     if not large_pairs:
-        return jnp.zeros((), online.dtype)
-    num_large = targets.shape[0]
-    log_p = jax.nn.log_softmax(all_logits(online[:num_large], targets, temperature, candidate_mask), -1)
+        return jnp.zeros((), sh.log_p.dtype)
+    log_p = sh.log_p[:num_large]
     log_p_swapped = jax.lax.stop_gradient(jnp.swapaxes(log_p, 0, 1))  # [u, v] <- p^{vu}
     kl = jnp.sum(jnp.exp(log_p_swapped) * (log_p_swapped - log_p), axis=-1)  # [L, L, b]
     w = pair_weights(large_pairs, num_large, num_large)
     w = w + w.T  # both directions of each unordered pair
-    return jnp.sum(kl * w[:, :, None]) / (len(large_pairs) * online.shape[1])
+    return jnp.sum(kl * w[:, :, None]) / (len(large_pairs) * b)
+
+
+# The negatives' log-sum-exp is lse + log(1 - p_own); p_own is capped so that an
+# anchor whose positive takes all the mass (p_own -> 1) keeps a finite gradient.
+MAX_OWN_P = 1.0 - 2.0 ** -20
+
+
+def semantic_positive_from(sh: SharedLogits, online: jax.Array, positives: jax.Array,
+                           positive_valid: jax.Array, pairs: Sequence[tuple[int, int]],
+                           temperature: float) -> tuple[jax.Array, jax.Array]:
+    """InfoNCE with a semantic positive in place of the augmentation positive; the
+    negatives are the same candidates minus the augmentation positive.
+
+    ``positives`` ``[b, M, D]`` with ``positive_valid`` ``[b, M]``. Returns the sum
+    of the loss over valid (image, positive, pair) triples and their count: the
+    caller divides by the *global* count so that the mean is over the global batch.
+    """
+    num_views, num_large = sh.lse.shape[:2]
+    neg_lse = sh.lse + jnp.log1p(-jnp.minimum(jnp.exp(sh.own_log_p), MAX_OWN_P))  # [V, L, b]
+    pos_logits = jnp.einsum("ubd,bmd->ubm", online, positives) / temperature  # [V, b, M]
+    loss = jnp.logaddexp(pos_logits[:, None], neg_lse[..., None]) - pos_logits[:, None]  # [V, L, b, M]
+    w = pair_weights(pairs, num_views, num_large)
+    total = jnp.sum(loss * w[:, :, None, None] * positive_valid[None, None])
+    count = jnp.sum(positive_valid).astype(online.dtype) * w.sum()
+    return total, count
+
+
+def augmentation_loss(online: jax.Array, targets: jax.Array, positive_index: jax.Array,
+                      pairs: Sequence[tuple[int, int]], temperature: float,
+                      candidate_mask: jax.Array | None = None) -> jax.Array:
+    """``augmentation_from`` on freshly built logits (for callers that need this term alone)."""
+    return augmentation_from(shared_logits(online, targets, positive_index, temperature, candidate_mask), pairs)
+
+
+def invariance_penalty(online: jax.Array, targets: jax.Array, large_pairs: Sequence[tuple[int, int]],
+                       temperature: float, candidate_mask: jax.Array | None = None) -> jax.Array:
+    """``invariance_from`` on freshly built logits (the positive index plays no part)."""
+    num_large = targets.shape[0]
+    zero = jnp.zeros((online.shape[1],), jnp.int32)
+    return invariance_from(shared_logits(online[:num_large], targets, zero, temperature, candidate_mask),
+                           large_pairs)
 
 
 def semantic_positive_loss(online: jax.Array, targets: jax.Array, positives: jax.Array,
                            positive_valid: jax.Array, positive_index: jax.Array,
                            pairs: Sequence[tuple[int, int]], temperature: float,
                            candidate_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """InfoNCE with a semantic positive in place of the augmentation positive.
-
-    ``positives`` ``[b, M, D]`` with ``positive_valid`` ``[b, M]``. Returns the sum
-    of the loss over valid (image, positive, pair) triples and their count: the
-    caller divides by the *global* count so that the mean is over the global batch.
-    """
-    own = jax.nn.one_hot(positive_index, targets.shape[1], dtype=bool)  # [b, B]
-    negative_mask = ~own if candidate_mask is None else (candidate_mask & ~own)
-    neg_lse = jax.nn.logsumexp(all_logits(online, targets, temperature, negative_mask), axis=-1)  # [V, L, b]
-    pos_logits = jnp.einsum("ubd,bmd->ubm", online, positives) / temperature  # [V, b, M]
-    loss = jnp.logaddexp(pos_logits[:, None], neg_lse[..., None]) - pos_logits[:, None]  # [V, L, b, M]
-    w = pair_weights(pairs, online.shape[0], targets.shape[0])
-    total = jnp.sum(loss * w[:, :, None, None] * positive_valid[None, None])
-    count = jnp.sum(positive_valid).astype(online.dtype) * w.sum()
-    return total, count
+    """``semantic_positive_from`` on freshly built logits."""
+    sh = shared_logits(online, targets, positive_index, temperature, candidate_mask)
+    return semantic_positive_from(sh, online, positives, positive_valid, pairs, temperature)
 
 
 def sample_candidate_mask(key: jax.Array, global_index: jax.Array, positive_index: jax.Array,

@@ -4,9 +4,13 @@ Overrides: ``--config.training.batch_size=256`` etc. ``--mode=train`` (default)
 pretrains, resuming from ``DIR``'s latest checkpoint; ``--mode=eval`` runs the
 config's ``eval.protocol``; ``--mode=export`` writes ``DIR/pretrain.pkl``.
 Multi-host: ``--distributed`` (TPU VMs, SLURM) or the coordinator flags.
+A preempted run (SIGTERM) saves at a step all processes agree on and exits with
+status 75 (``jobs.PREEMPTED_EXIT_CODE``); rerun the same command to resume.
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,6 +26,9 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
                           "train: pretrain/resume; eval: the config's eval.protocol; "
                           "export: write WORKDIR/pretrain.pkl in the released format.")
+_ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
+                                   "Resume even though fields that define the run (data, labels, seeds, batch, "
+                                   "schedule, views) differ from the checkpoint's. Shapes may never change.")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None,
                                    "Stop (with a checkpoint) after this many steps of this run; "
                                    "for time-sliced schedulers. Rerun the command to continue.")
@@ -41,7 +48,12 @@ def main(argv) -> None:
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     if _MODE.value == "train":
-        jobs.train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value)
+        try:
+            jobs.train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value,
+                       allow_config_change=_ALLOW_CHANGE.value)
+        except jobs.Preempted as e:  # saved at an agreed step: tell the scheduler to run us again
+            logging.warning("%s", e)
+            sys.exit(jobs.PREEMPTED_EXIT_CODE)
     elif _MODE.value == "eval":
         jobs.evaluate(_CONFIG.value, _WORKDIR.value)
     else:

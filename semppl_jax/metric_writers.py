@@ -6,17 +6,29 @@ import json
 import os
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 
 class MetricWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl`` and writes the
-    same scalars as TensorBoard summaries. Only process 0 should create one."""
+    same scalars as TensorBoard summaries. Only process 0 should create one.
 
-    def __init__(self, workdir: str, filename: str = "metrics.jsonl", tensorboard: bool = True):
+    On resume from ``resume_step``, records after it (logged after the checkpoint
+    the run resumes from, so about to be logged again) and a torn last line are
+    dropped first: every step appears once."""
+
+    def __init__(self, workdir: str, filename: str = "metrics.jsonl", tensorboard: bool = True,
+                 resume_step: int | None = None):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, filename)
+        if resume_step is not None and os.path.exists(self.path):
+            kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self.path)
         self._file = open(self.path, "a", buffering=1)
         self._tb = None
         if tensorboard:
@@ -53,9 +65,26 @@ def _scalar_metadata():
     return meta.SerializeToString()
 
 
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Temporary file, then rename: a crash never leaves a truncated JSON behind."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
 def read_jsonl(path: str) -> list[dict]:
+    """Records of a JSON-lines file; a torn last line (a crash mid-write) is skipped."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+    return records
 
 
 class Progress:

@@ -4,7 +4,7 @@ Module and parameter names follow Haiku's defaults exactly as the released
 SemPPL/BYOL checkpoints have them (``res_net50/~/block_group_0/~/block_0/~/conv_0``,
 ``projector/linear``...), so that exported checkpoints load in the authors'
 evaluation code and theirs load in ours. ``tests/test_networks.py`` checks every
-name and shape against ``shared/reference/official_param_manifest.json``.
+name and shape against ``tests/data/official_param_manifest.json`` (a copy of the released manifest).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 BN_DEFAULTS: Mapping[str, Any] = dict(decay_rate=0.9, eps=1e-5, create_scale=True, create_offset=True)
 
@@ -147,6 +148,7 @@ class Block(hk.Module):
         out = x
         for i, (conv, bn) in enumerate(self.layers):
             out = conv(out, is_training) if isinstance(conv, SelectiveKernelConv) else conv(out)
+            out = checkpoint_name(out, "conv_out")  # what model.remat='block_save_convs' keeps
             if bn is not None:
                 out = bn(out, is_training)
             if i < len(self.layers) - 1:
@@ -162,14 +164,26 @@ class Block(hk.Module):
             if i == 0 and self._use_projection:
                 shortcut = self._shortcut(out, is_training)
             out = conv(out, is_training) if isinstance(conv, SelectiveKernelConv) else conv(out)
+            out = checkpoint_name(out, "conv_out")  # what model.remat='block_save_convs' keeps
         return out + shortcut
+
+
+# ``model.remat`` values: what a rematerialised block keeps for the backward pass.
+REMAT_POLICIES: Mapping[str, Any] = {
+    "none": None,  # no rematerialisation
+    "block": jax.checkpoint_policies.nothing_saveable,  # keep block inputs only; recompute the rest
+    "block_save_convs": jax.checkpoint_policies.save_only_these_names("conv_out"),  # keep conv outputs
+}
 
 
 class BlockGroup(hk.Module):
     def __init__(self, channels: int, num_blocks: int, stride: int, bottleneck: bool,
                  bn_config: Mapping[str, Any], resnet_v2: bool, sk_ratio: float,
-                 name: str | None = None):
+                 remat: str = "none", name: str | None = None):
         super().__init__(name=name)
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        self._remat = remat
         self.blocks = [
             Block(channels, stride if i == 0 else 1, use_projection=(i == 0), bottleneck=bottleneck,
                   bn_config=bn_config, resnet_v2=resnet_v2, sk_ratio=sk_ratio, name=f"block_{i}")
@@ -178,7 +192,10 @@ class BlockGroup(hk.Module):
 
     def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
         for block in self.blocks:
-            x = block(x, is_training)
+            if self._remat == "none":
+                x = block(x, is_training)
+            else:  # activations inside the block are recomputed in the backward pass
+                x = hk.remat(block, policy=REMAT_POLICIES[self._remat], static_argnums=(1,))(x, is_training)
         return x
 
 
@@ -186,7 +203,7 @@ class ResNet(hk.Module):
     """ResNet encoder returning the globally pooled embedding (no classifier)."""
 
     def __init__(self, spec: ResNetSpec, width_multiplier: int = 1, resnet_v2: bool = False,
-                 sk_ratio: float = 0.0, bn_config: Mapping[str, Any] | None = None,
+                 sk_ratio: float = 0.0, bn_config: Mapping[str, Any] | None = None, remat: str = "none",
                  name: str | None = None):
         super().__init__(name=name)
         bn_config = dict(BN_DEFAULTS if bn_config is None else bn_config)
@@ -208,7 +225,7 @@ class ResNet(hk.Module):
                           _bn("initial_batchnorm", bn_config))]
         self.groups = [
             BlockGroup(c * width_multiplier, n, 1 if i == 0 else 2, spec.bottleneck, bn_config,
-                       resnet_v2, sk_ratio, name=f"block_group_{i}")
+                       resnet_v2, sk_ratio, remat, name=f"block_group_{i}")
             for i, (c, n) in enumerate(zip(spec.channels_per_group, spec.blocks_per_group))
         ]
         if resnet_v2:
@@ -246,10 +263,10 @@ class MLP(hk.Module):
 
 
 def make_encoder(depth: str, width_multiplier: int, resnet_v2: bool, sk_ratio: float,
-                 bn_config: Mapping[str, Any]) -> ResNet:
+                 bn_config: Mapping[str, Any], remat: str = "none") -> ResNet:
     if depth not in RESNET_SPECS:
         raise ValueError(f"model.depth={depth!r} is not one of {sorted(RESNET_SPECS)}")
-    return ResNet(RESNET_SPECS[depth], width_multiplier, resnet_v2, sk_ratio, bn_config,
+    return ResNet(RESNET_SPECS[depth], width_multiplier, resnet_v2, sk_ratio, bn_config, remat,
                   name=MODULE_NAMES[depth])
 
 
@@ -286,7 +303,8 @@ def make_network(model_config: Any, num_classes: int, cross_replica_axis: str | 
                 heads: Sequence[str] = ("projection", "prediction", "logits")) -> dict[str, jax.Array]:
         set_compute_dtype(compute_dtype)  # at trace time: Haiku reads policies when modules run
         encoder = make_encoder(model_config.depth, model_config.width_multiplier,
-                               model_config.resnet_v2, model_config.sk_ratio, bn_config)
+                               model_config.resnet_v2, model_config.sk_ratio, bn_config,
+                               model_config.get("remat", "none"))
         projector = MLP(model_config.projector_hidden_size, model_config.projection_size, bn_config,
                         name="projector")
         predictor = MLP(model_config.predictor_hidden_size, model_config.projection_size, bn_config,

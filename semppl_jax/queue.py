@@ -74,25 +74,52 @@ def weighted_vote(labels: jax.Array, weights: jax.Array, valid: jax.Array, num_c
     return jnp.where(has_any, winner, -1).astype(jnp.int32), jnp.where(has_any, win_mean, 0.0)
 
 
-def knn_vote(queue: QueueState, queries: jax.Array, k: int, num_classes: int
+def knn_vote(queue: QueueState, queries: jax.Array, k: int, num_classes: int, approx: bool = False
              ) -> tuple[jax.Array, jax.Array]:
-    """k-NN majority vote of normalised ``queries`` [n, D] over the filled queue entries."""
+    """k-NN majority vote of normalised ``queries`` [n, D] over the filled queue entries.
+
+    k = 1 is an argmax (no sort over the C entries); ``approx`` uses
+    ``lax.approx_max_k`` (TPU's fast partial reduction; exact on CPU/GPU).
+    """
     sims = queries.astype(jnp.float32) @ queue.embeddings.T  # cosine: both sides normalised
-    filled = queue.labels >= 0
-    top_sims, top_idx = jax.lax.top_k(jnp.where(filled[None, :], sims, -jnp.inf), k)
+    masked = jnp.where((queue.labels >= 0)[None, :], sims, -jnp.inf)
+    if k == 1:
+        top_idx = jnp.argmax(masked, axis=-1)[:, None]
+        top_sims = jnp.take_along_axis(masked, top_idx, axis=-1)
+    elif approx:
+        top_sims, top_idx = jax.lax.approx_max_k(masked, k)
+    else:
+        top_sims, top_idx = jax.lax.top_k(masked, k)
     valid = jnp.isfinite(top_sims)
     return weighted_vote(queue.labels[top_idx], jnp.where(valid, top_sims, 0.0), valid, num_classes)
 
 
-def pseudo_labels(queue: QueueState, queries: jax.Array, k: int, num_classes: int) -> jax.Array:
+def pseudo_labels(queue: QueueState, queries: jax.Array, k: int, num_classes: int, approx: bool = False
+                  ) -> jax.Array:
     """Per-view k-NN votes [L, n, D] -> one label per image: the mode over views.
 
     Views that disagree equally are settled by the larger mean similarity of the
     view's winning neighbours.
     """
-    votes, strength = jax.vmap(lambda q: knn_vote(queue, q, k, num_classes))(queries)  # [L, n]
+    votes, strength = jax.vmap(lambda q: knn_vote(queue, q, k, num_classes, approx))(queries)  # [L, n]
     label, _ = weighted_vote(votes.T, strength.T, votes.T >= 0, num_classes)
     return label
+
+
+def _bound(sorted_values: jax.Array, lo: jax.Array, hi: jax.Array, value: jax.Array, right: bool
+           ) -> jax.Array:
+    """First index in ``[lo, hi)`` whose value is ``> value`` (right) or ``>= value`` (left),
+    by bisection: a search inside one label's segment of the sorted queue."""
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        v = sorted_values[jnp.clip(mid, 0, sorted_values.shape[0] - 1)]
+        go_right = (v <= value) if right else (v < value)
+        go_right &= lo < hi
+        return jnp.where(go_right, mid + 1, lo), jnp.where(go_right | (lo >= hi), hi, mid)
+
+    steps = max(1, int(sorted_values.shape[0]).bit_length())
+    return jax.lax.fori_loop(0, steps, body, (lo, hi))[0]
 
 
 def sample_positives(key: jax.Array, queue: QueueState, labels: jax.Array, ids: jax.Array,
@@ -100,19 +127,32 @@ def sample_positives(key: jax.Array, queue: QueueState, labels: jax.Array, ids: 
     """Draws M queue entries per image, uniformly with replacement, among entries
     with the image's (pseudo-)label and another image's id.
 
-    Returns embeddings ``[n, M, D]`` and a validity mask ``[n, M]`` (all False where
-    the image has no label or no eligible entry). Keys are folded with the global
-    image index so that draws do not depend on the device layout.
+    The queue is sorted once by (label, id): each label is then one segment, and an
+    image's own entries one run inside it. Searching both and drawing a uniform
+    integer over the segment minus that run costs O(C log C + n M log C), with no
+    ``[n, C]`` matrix. Returns embeddings ``[n, M, D]`` and a validity mask ``[n, M]``
+    (all False where the image has no label or no eligible entry). Keys are folded
+    with the global image index, so draws do not depend on the device layout.
     """
-    eligible = ((queue.labels[None, :] == labels[:, None]) & (labels[:, None] >= 0)
-                & (queue.ids[None, :] != ids[:, None]))  # [n, C]
+    size = queue.labels.shape[0]
+    # Empty slots (label -1) sort last: they never fall inside a label's segment.
+    label_key = jnp.where(queue.labels >= 0, queue.labels, jnp.iinfo(jnp.int32).max)
+    sorted_label, sorted_id, perm = jax.lax.sort((label_key, queue.ids, jnp.arange(size, dtype=jnp.int32)),
+                                                 num_keys=2)
+    start = jnp.searchsorted(sorted_label, labels, side="left").astype(jnp.int32)
+    end = jnp.searchsorted(sorted_label, labels, side="right").astype(jnp.int32)
+    own_lo = _bound(sorted_id, start, end, ids, right=False)
+    own_hi = _bound(sorted_id, start, end, ids, right=True)
+    num_own = own_hi - own_lo
+    eligible = jnp.where(labels >= 0, end - start - num_own, 0)
 
-    def draw(idx: jax.Array, row: jax.Array) -> jax.Array:
-        logits = jnp.where(row, 0.0, -jnp.inf)
-        return jax.random.categorical(jax.random.fold_in(key, idx), logits, shape=(num_positives,))
+    def draw(idx: jax.Array, n: jax.Array) -> jax.Array:
+        return jax.random.randint(jax.random.fold_in(key, idx), (num_positives,), 0, jnp.maximum(n, 1))
 
-    chosen = jax.vmap(draw)(global_index, eligible)  # [n, M]
-    has_any = jnp.any(eligible, axis=-1)
-    chosen = jnp.where(has_any[:, None], chosen, 0)
+    r = jax.vmap(draw)(global_index, eligible)  # [n, M]: rank among the eligible entries
+    pos = start[:, None] + r
+    pos = jnp.where(pos >= own_lo[:, None], pos + num_own[:, None], pos)  # step over the own run
+    has_any = eligible > 0
+    chosen = perm[jnp.where(has_any[:, None], jnp.clip(pos, 0, size - 1), 0)]
     valid = jnp.broadcast_to(has_any[:, None], chosen.shape)
     return queue.embeddings[chosen], valid

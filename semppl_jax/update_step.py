@@ -159,28 +159,28 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
                 # serve full-size images at evaluation, so they follow the large views.
                 out_small, _ = net.apply(params, net_state, None, _flatten_views(small), True, ("prediction",))
                 preds.append(out_small["prediction"].reshape(num_small, local_batch, -1))
-            return losses.l2_normalize(jnp.concatenate(preds)), out["logits"], net_state
+            return losses.l2_normalize(jnp.concatenate(preds)), out, net_state
 
         # Pseudo-labels (3) and semantic positives (4): no gradient, queue as it was.
         if cfg.knn_query == "target":
             queries = target_proj
         else:
             queries = jax.lax.stop_gradient(online_predictions(state.online_params)[0][:num_large])
-        pseudo = pl_queue.pseudo_labels(state.queue, queries, cfg.knn_k, num_classes)
+        pseudo = pl_queue.pseudo_labels(state.queue, queries, cfg.knn_k, num_classes, cfg.get("knn_approx", False))
         working_label = jnp.where(inputs.is_labelled, inputs.label, pseudo)
         positives, positive_valid = pl_queue.sample_positives(
             pos_key, state.queue, working_label, inputs.image_id, global_index, cfg.num_positives)
 
         def loss_fn(params):
-            online, logits, net_state = online_predictions(params)
-            l_augm = losses.augmentation_loss(online, candidates, global_index, pairs,
-                                              cfg.temperature, candidate_mask)
-            invariance = losses.invariance_penalty(online, candidates, large_pairs, cfg.temperature,
-                                                   candidate_mask)
+            online, out, net_state = online_predictions(params)
+            logits = out["logits"]
+            # One [V, L, b, B] similarity tensor serves all three terms.
+            sh = losses.shared_logits(online, candidates, global_index, cfg.temperature, candidate_mask)
+            l_augm = losses.augmentation_from(sh, pairs)
+            invariance = losses.invariance_from(sh, large_pairs) if cfg.lam else jnp.zeros((), jnp.float32)
             if cfg.alpha != 0.0:
-                sem_sum, sem_count = losses.semantic_positive_loss(
-                    online, candidates, positives, positive_valid, global_index, pairs,
-                    cfg.temperature, candidate_mask)
+                sem_sum, sem_count = losses.semantic_positive_from(sh, online, positives, positive_valid, pairs,
+                                                                   cfg.temperature)
                 l_sempos_share, l_sempos = global_mean(sem_sum, sem_count)
             else:  # the ReLICv2-style baseline, exactly: the term is not built at all
                 l_sempos_share = l_sempos = jnp.zeros((), jnp.float32)
@@ -193,6 +193,7 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             probe_mask = (probe_labels >= 0).astype(jnp.float32)
             probe_share, probe_loss = global_mean(jnp.sum(probe_ce * probe_mask), jnp.sum(probe_mask))
             aux = dict(net_state=net_state, logits=logits, l_augm=l_augm, invariance=invariance,
+                       projection=jax.lax.stop_gradient(out["projection"]),
                        l_sempos=l_sempos, probe_loss=probe_loss,
                        objective=cfg.c * (l_augm + cfg.alpha * l_sempos) + cfg.lam * invariance)
             return objective + probe_share, aux
@@ -215,13 +216,22 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             jnp.repeat(all_labelled, num_large))
 
         metrics = _monitors(aux, inputs, true_label, pseudo, positive_valid, num_large)
+        num_candidates = global_batch if cfg.num_negatives is None else min(cfg.num_negatives + 1, global_batch)
+        metrics["l_augm_ratio"] = metrics["l_augm"] / np.log(num_candidates)
         metrics.update(queue_fill=pl_queue.fill_fraction(new_queue), learning_rate=lr_schedule(state.step),
                        tau=tau)
+        # Replicated (params are identical on every replica): the launcher refuses to save
+        # a non-finite state, and every process reads the same flag.
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & _all_finite(online_params)
         new_state = TrainState(online_params, aux["net_state"], target_params, target_state, opt_state,
                                new_queue, state.step + 1, state.rng)
         return new_state, metrics
 
     return update_step
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _monitors(aux: dict, inputs: StepInputs, true_label: jax.Array, pseudo: jax.Array,
@@ -235,7 +245,14 @@ def _monitors(aux: dict, inputs: StepInputs, true_label: jax.Array, pseudo: jax.
     probe_pred = jnp.argmax(aux["logits"], axis=-1)
     probe_target = jnp.tile(true_label, num_large)
     probe_valid = jnp.tile(unlabelled, num_large)
+    # Collapse monitor: per-dimension std over the global batch of the normalised online
+    # projections (large views), averaged over dimensions: ~1/sqrt(D) healthy, 0 collapsed.
+    proj = losses.l2_normalize(aux["projection"])
+    n = jax.lax.psum(proj.shape[0], AXIS)
+    mean = jax.lax.psum(jnp.sum(proj, 0), AXIS) / n
+    var = jax.lax.psum(jnp.sum(jnp.square(proj - mean), 0), AXIS) / n
     return dict(
+        embedding_std=jnp.mean(jnp.sqrt(jnp.maximum(var, 0.0))),
         loss=jax.lax.pmean(aux["objective"], AXIS),
         l_augm=jax.lax.pmean(aux["l_augm"], AXIS),
         invariance=jax.lax.pmean(aux["invariance"], AXIS),

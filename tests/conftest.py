@@ -22,7 +22,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+TEST_DATA = REPO / "tests" / "data"
 
 
 @pytest.fixture(autouse=True, scope="session")

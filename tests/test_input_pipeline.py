@@ -1,7 +1,6 @@
 """Input pipelines: the JPEG path (mock ImageNet), image folders, label subsets,
 batch composition, determinism/resume and evaluation counting. Offline."""
 
-import os
 
 import numpy as np
 import pytest
@@ -58,14 +57,20 @@ def test_a_list_that_matches_no_image_is_an_error(mock_imagenet, tmp_path):
         datasets.labelled_mask(source, str(tmp_path / "missing.txt"), 0)
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(datasets.DEFAULT_SUBSET_DIR, "1percent.txt")),
-                    reason="needs the checkout's sibling shared/ folder")
-def test_imagenet_1pct_list_resolves_from_the_shared_cache(mock_imagenet):
-    path = datasets.resolve_subset_file("1pct", None)
-    assert len(datasets.read_subset_list(path)) == 12811
+def test_imagenet_1pct_list_resolves_from_the_cache_dir(mock_imagenet, tmp_path, monkeypatch):
+    """A list in subset_cache_dir (or $SEMPPL_SUBSET_DIR) is found; SimCLR's ImageNet names
+    match no image of another dataset, which is an error, not an empty subset."""
+    monkeypatch.delenv("SEMPPL_SUBSET_DIR", raising=False)
+    cache = tmp_path / "subsets"
+    cache.mkdir()
+    (cache / "1percent.txt").write_text("n04235860_14959.JPEG\nn04239074_7724.JPEG\nn02096294_8485.JPEG\n")
+    path = datasets.resolve_subset_file("1pct", str(cache))
+    assert path == str(cache / "1percent.txt") and len(datasets.read_subset_list(path)) == 3
+    monkeypatch.setenv("SEMPPL_SUBSET_DIR", str(cache))
+    assert datasets.resolve_subset_file("1pct", None) == path
     source, _ = mock_imagenet
-    with pytest.raises(ValueError, match="0 of its 12811 file names match"):
-        datasets.labelled_mask(source, "1pct", 0)
+    with pytest.raises(ValueError, match="0 of its 3 file names match"):
+        datasets.labelled_mask(source, "1pct", 0, str(cache))
 
 
 def test_missing_subset_list_says_where_to_put_it(monkeypatch, tmp_path):
@@ -102,6 +107,28 @@ def test_image_folder_same_code_path(tmp_path):
         datasets.load_source(f"folder:{tmp_path}/nope", "train")
     with pytest.raises(ValueError, match="has splits"):
         datasets.load_source(f"folder:{root}", "validation")
+
+
+def test_image_folder_with_bad_files_trains_and_names_them(tmp_path):
+    """A PNG is decoded; a truncated JPEG and a text file named .jpg are left out with a
+    warning naming each; ids stay contiguous; batches are deterministic."""
+    root = make_image_folder(tmp_path / "imgs")
+    cat = root / "train" / "cat"
+    img = np.random.default_rng(1).integers(0, 255, (28, 28, 3), dtype=np.uint8)
+    (cat / "cat_png.png").write_bytes(tf.io.encode_png(img).numpy())
+    (cat / "cat_truncated.jpg").write_bytes(tf.io.encode_jpeg(img).numpy()[:120])
+    (cat / "cat_text.jpg").write_bytes(b"this is not an image")
+    source = datasets.load_source(f"folder:{root}", "train")
+    assert source.num_examples == 19  # 18 good JPEGs + the PNG
+    assert sorted(n.split("/")[-1] for n in source.skipped) == ["cat_text.jpg", "cat_truncated.jpg"]
+    ids = datasets._collect(source, "image_id")
+    assert sorted(ids.tolist()) == list(range(19))
+    labelled = datasets.labelled_mask(source, "0.5", 0)
+    config = small_views(tiny.get_config())
+    a = take(input_pipeline.train_dataset(source, labelled, config, 8, seed=1), 5)
+    b = take(input_pipeline.train_dataset(source, labelled, config, 8, seed=1, start_step=3), 2)
+    np.testing.assert_array_equal(a[3]["large"], b[0]["large"])
+    assert sum(int((x["image_id"] >= 0).sum()) for x in a) == 40
 
 
 def test_stratified_fraction_counts():

@@ -123,3 +123,35 @@ def test_invariance_is_zero_for_identical_views_and_gradient_is_finite():
     val, grad = jax.value_and_grad(lambda o: losses.invariance_penalty(o, jnp.asarray(targets, jnp.float32),
                                                                        [(0, 1)], 0.2))(jnp.asarray(online, jnp.float32))
     assert abs(float(val)) < 1e-6 and np.isfinite(np.asarray(grad)).all()
+
+
+def test_one_shared_logits_tensor_gives_all_three_terms():
+    """The update step builds the logits once; each term read from it equals its numpy loop."""
+    online, targets, positives, valid, pos = _inputs(5)
+    pairs, large_pairs = losses.view_pairs(4, 2), losses.large_view_pairs(2)
+    o, t = jnp.asarray(online, jnp.float32), jnp.asarray(targets, jnp.float32)
+    sh = losses.shared_logits(o, t, jnp.asarray(pos), 0.2)
+    np.testing.assert_allclose(losses.augmentation_from(sh, pairs), ref_augm(online, targets, pos, pairs, 0.2),
+                               rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(losses.invariance_from(sh, large_pairs),
+                               ref_invariance(online, targets, large_pairs, 0.2), rtol=1e-4, atol=TOL)
+    total, count = losses.semantic_positive_from(sh, o, jnp.asarray(positives, jnp.float32), jnp.asarray(valid),
+                                                 pairs, 0.2)
+    ref_total, ref_count = ref_sempos(online, targets, positives, valid, pos, pairs, 0.2)
+    assert int(count) == ref_count
+    np.testing.assert_allclose(total, ref_total, rtol=TOL, atol=TOL)
+
+
+def test_semantic_loss_gradient_is_finite_when_the_positive_takes_all_mass():
+    online, targets, positives, _, pos = _inputs(6, views=2)
+    targets[:, pos] = online[0]  # the augmentation positive is the anchor itself: p_own -> 1
+    valid = np.ones((3, 3), bool)
+
+    def f(o):
+        total, count = losses.semantic_positive_loss(o, jnp.asarray(targets, jnp.float32),
+                                                     jnp.asarray(positives, jnp.float32), jnp.asarray(valid),
+                                                     jnp.asarray(pos), losses.view_pairs(2, 2), 0.01)
+        return total / count
+
+    val, grad = jax.value_and_grad(f)(jnp.asarray(online, jnp.float32))
+    assert np.isfinite(float(val)) and np.isfinite(np.asarray(grad)).all()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from semppl_jax import networks
-from tests.conftest import SHARED
+from tests.conftest import TEST_DATA
 
-MANIFEST = SHARED / "reference" / "official_param_manifest.json"
+MANIFEST = TEST_DATA / "official_param_manifest.json"  # a copy of the released manifest
 ARCHS = {"TinyResNet_1x": ("tiny", 1), "ResNet18_1x": ("resnet18", 1), "ResNet50_1x": ("resnet50", 1),
          "ResNet50_2x": ("resnet50", 2), "ResNet200_2x": ("resnet200", 2)}
 
@@ -28,7 +28,6 @@ def shapes(depth, width, **kw):
     return jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), True))
 
 
-@pytest.mark.skipif(not MANIFEST.exists(), reason="needs ../shared/reference")
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_names_and_shapes_match_released_manifest(arch):
     manifest = json.loads(MANIFEST.read_text())[arch]

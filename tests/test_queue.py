@@ -107,3 +107,28 @@ def test_semantic_positives_are_uniform_over_eligible_entries():
     counts = np.asarray(pos[0]).sum(0)
     assert valid.all() and counts[3] == 0
     np.testing.assert_allclose(counts[:3] / 3000, [1 / 3] * 3, atol=0.04)
+
+
+def test_semantic_positives_on_a_random_queue_match_brute_force_eligibility():
+    """Many labels, repeated ids (an image's several views), empty slots: every draw is
+    eligible, every eligible entry is drawn about equally often, validity is exact."""
+    rng = np.random.default_rng(0)
+    size, n, m = 300, 40, 400
+    labels = rng.integers(0, 6, size)
+    labels[-20:] = -1  # empty slots
+    ids = rng.integers(0, 60, size)
+    state = q.QueueState(embeddings=jnp.eye(size, dtype=jnp.float32), labels=jnp.asarray(labels, jnp.int32),
+                         ids=jnp.asarray(ids, jnp.int32), pointer=jnp.zeros((), jnp.int32))
+    want = rng.integers(-1, 7, n)  # -1: unlabelled without pseudo-label; 6: no entry has it
+    own = rng.integers(0, 60, n)
+    pos, valid = q.sample_positives(jax.random.key(2), state, jnp.asarray(want, jnp.int32),
+                                    jnp.asarray(own, jnp.int32), jnp.arange(n), m)
+    picked = np.argmax(np.asarray(pos), axis=-1)  # one-hot embeddings -> entry index
+    for i in range(n):
+        eligible = np.flatnonzero((labels == want[i]) & (want[i] >= 0) & (ids != own[i]))
+        assert bool(np.asarray(valid)[i].all()) == (len(eligible) > 0)
+        if len(eligible):
+            assert set(picked[i]) <= set(eligible.tolist())
+            counts = np.bincount(picked[i], minlength=size)[eligible]
+            expected = m / len(eligible)
+            assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected) + 2), (i, counts)

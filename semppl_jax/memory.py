@@ -1,0 +1,69 @@
+"""Will the compiled step fit? XLA's memory analysis against the device's limit.
+
+Checked once, after compiling and before the first step, so that a run that
+cannot fit stops with numbers and remedies instead of an out-of-memory error
+minutes into a pod's budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GIB = 1024 ** 3
+
+
+class DoesNotFitError(RuntimeError):
+    """The compiled step needs more memory per device than the device has."""
+
+
+def step_bytes(compiled: Any) -> dict[str, int] | None:
+    """Per-device bytes of a compiled step: arguments, outputs, temporaries, aliased and
+    the peak estimate (arguments + outputs + temporaries - aliased); None where the
+    backend has no memory analysis."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - a backend without the analysis must not stop training
+        return None
+    if m is None:
+        return None
+    out = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+               temporaries=m.temp_size_in_bytes, aliased=getattr(m, "alias_size_in_bytes", 0))
+    out["peak"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+    return out
+
+
+def report(usage: dict[str, int] | None) -> str:
+    if usage is None:
+        return "memory analysis unavailable on this backend"
+    return (f"per-device memory: arguments {usage['arguments'] / GIB:.3f} GiB, outputs {usage['outputs'] / GIB:.3f} "
+            f"GiB, temporaries {usage['temporaries'] / GIB:.3f} GiB, aliased (donated) {usage['aliased'] / GIB:.3f}"
+            f" GiB; peak about {usage['peak'] / GIB:.3f} GiB")
+
+
+def device_limit(device: Any) -> int | None:
+    """Bytes the allocator may use on ``device`` (None on backends that do not say, e.g. CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+    return None if not stats else stats.get("bytes_limit")
+
+
+def check_fits(usage: dict[str, int] | None, limit: int | None, config: Any, num_devices: int) -> None:
+    """Raises :class:`DoesNotFitError`, with the remedies, when the step's peak exceeds ``limit``."""
+    if usage is None or limit is None or usage["peak"] <= limit:
+        return
+    t, m = config.training, config.model
+    per_device = t.batch_size // num_devices
+    remedies = []
+    if t.compute_dtype != "bfloat16":
+        remedies.append("--config.training.compute_dtype=bfloat16 (about halves activations)")
+    if m.get("remat", "none") == "none":
+        remedies.append("--config.model.remat=block (recompute block activations in the backward pass)")
+    remedies.append(f"a smaller per-device batch (now {per_device}: lower training.batch_size, "
+                    f"or use more devices)")
+    raise DoesNotFitError(
+        f"the update step needs about {usage['peak'] / GIB:.2f} GiB per device (temporaries "
+        f"{usage['temporaries'] / GIB:.2f} GiB) but the device allows {limit / GIB:.2f} GiB "
+        f"({per_device} images per device, {t.compute_dtype}, remat={m.get('remat', 'none')}). Remedies: "
+        + "; ".join(remedies) + ".")
