@@ -51,43 +51,90 @@ def one_run(workdir: str, method: str, fraction: str, seed: int, steps: int | No
             config.training.num_steps = steps
         config_checks.apply_overrides(config, list(overrides))
         curve = []
-        if method != "supervised":
-            if method == "alpha0":
-                config.semppl.alpha = 0.0
-            jobs.train(config, os.path.join(workdir, "pretrain"))
+        pretrain_dir = os.path.join(workdir, "pretrain")
+        if method == "alpha0":
+            config.semppl.alpha = 0.0
+            pretrain_dir = alpha0_twin(workdir, seed, config) or pretrain_dir
+        if method != "supervised" and not os.path.exists(os.path.join(pretrain_dir, "train_summary.json")):
+            jobs.train(config, pretrain_dir)
+        if method == "semppl":
             curve = [(r["step"], r["pseudo_label_accuracy"]) for r in read_jsonl(
-                os.path.join(workdir, "pretrain", "metrics.jsonl"))]
-        result = jobs.evaluate(eval_config("finetune", method, fraction, seed, workdir),
+                os.path.join(pretrain_dir, "metrics.jsonl"))]
+        result = jobs.evaluate(eval_config("finetune", method, fraction, seed, pretrain_dir),
                                os.path.join(workdir, "finetune"))
         out = dict(method=method, fraction=float(fraction), seed=seed, top1=result["top1"], top5=result["top5"],
-                   pseudo_label_curve=curve)
+                   pseudo_label_curve=curve, pretrain_dir=None if method == "supervised" else pretrain_dir)
         write_json_atomic(done, out)
     if method != "supervised" and "knn_top1" not in out:  # also added to runs made before it existed
-        result = jobs.evaluate(eval_config("knn", method, fraction, seed, workdir), os.path.join(workdir, "knn"))
+        result = jobs.evaluate(eval_config("knn", method, fraction, seed,
+                                           out.get("pretrain_dir") or os.path.join(workdir, "pretrain")),
+                               os.path.join(workdir, "knn"))
         out["knn_top1"] = result["top1"]
+        write_json_atomic(done, out)
+    if method == "supervised" and "pixel_knn_top1" not in out:  # the baseline needing no training
+        from semppl_jax import evaluation
+
+        out["pixel_knn_top1"] = evaluation.pixel_knn(eval_config("knn", method, fraction, seed, workdir))["top1"]
         write_json_atomic(done, out)
     return out
 
 
-def eval_config(protocol: str, method: str, fraction: str, seed: int, workdir: str):
+def alpha0_twin(workdir: str, seed: int, config) -> str | None:
+    """An alpha=0 pretraining of the same seed at another label fraction, if finished.
+
+    With alpha = 0 the labels reach nothing but the queue and the stop-gradient probe,
+    neither of which moves the encoder, and the batches do not depend on which images
+    are labelled: the encoder is the same at every fraction, so it is pretrained once
+    per seed and evaluated with each fraction's labelled subset."""
+    parent = os.path.dirname(os.path.abspath(workdir))
+    for name in sorted(os.listdir(parent)):
+        other = os.path.join(parent, name, "pretrain")
+        if (name.startswith("alpha0_") and name.endswith(f"_seed{seed}") and other != os.path.join(workdir, "pretrain")
+                and os.path.exists(os.path.join(other, "train_summary.json"))):
+            with open(os.path.join(other, "config.json")) as f:
+                done = json.load(f)
+            same = (done["training"]["num_steps"] == config.training.num_steps and done["seed"] == config.seed
+                    and done["model"] == config.model.to_dict() and done["views"] == json.loads(
+                        json.dumps(config.views.to_dict())))
+            if same:
+                return other
+    return None
+
+
+def eval_config(protocol: str, method: str, fraction: str, seed: int, pretrain_dir: str):
     """Fine-tune (or k-NN) config for one run; supervised = the same recipe from scratch, longer."""
     from experiments import eval as eval_presets
 
     config = eval_presets.get_config(f"{protocol},mnist5k,{fraction}")
     config.seed = seed
     config.dataset.label_seed = seed
-    config.eval.checkpoint = "scratch" if method == "supervised" else os.path.join(workdir, "pretrain")
+    config.eval.checkpoint = "scratch" if method == "supervised" else pretrain_dir
     if method == "supervised":  # from scratch needs more epochs than fine-tuning
         config.eval.num_epochs *= 3
         config.eval.base_lr *= 4
     return config
 
 
-def paired_differences(results: list[dict], fraction: float, other: str) -> list[float]:
-    """Fine-tuned top-1 of SemPPL minus ``other``'s, in points, for each seed both ran
-    (same seed: same labelled subset, same initialisation)."""
-    top1 = {(r["method"], r["seed"]): 100 * r["top1"] for r in results if r["fraction"] == fraction}
+def paired_differences(results: list[dict], fraction: float, other: str, key: str = "top1") -> list[float]:
+    """SemPPL's ``key`` (fine-tuned top-1 by default) minus ``other``'s, in points, for each
+    seed both ran (same seed: same labelled subset, same initialisation)."""
+    top1 = {(r["method"], r["seed"]): 100 * r[key] for r in results if r["fraction"] == fraction and key in r}
     return [top1[("semppl", s)] - top1[(other, s)] for (m, s) in sorted(top1) if m == "semppl" and (other, s) in top1]
+
+
+def _stat(vals: list[float]) -> str:
+    """mean ± standard error (sample std / sqrt(n)) and n."""
+    if not vals:
+        return "–"
+    se = np.std(vals, ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else float("nan")
+    return f"{np.mean(vals):.1f} ± {se:.1f} (n={len(vals)})"
+
+
+def _paired(diffs: list[float]) -> str:
+    if not diffs:
+        return "–"
+    se = np.std(diffs, ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return f"{np.mean(diffs):+.1f} ± {se:.1f} (SemPPL ahead in {sum(d > 0 for d in diffs)} of {len(diffs)})"
 
 
 def write_report(results: list[dict], workdir: str) -> str:
@@ -97,39 +144,42 @@ def write_report(results: list[dict], workdir: str) -> str:
     import matplotlib.pyplot as plt
 
     fractions = sorted({r["fraction"] for r in results})
-    lines = ["| labels | SemPPL | alpha = 0 (ReLICv2-style) | supervised from scratch |", "| --- | --- | --- | --- |"]
+
+    def values(frac, method, key):
+        return [100 * r[key] for r in results if r["fraction"] == frac and r["method"] == method and key in r]
+
+    lines = ["Fine-tuned top-1 (%):", "",
+             "| labels | SemPPL | alpha = 0 (ReLICv2-style) | supervised from scratch |", "| --- | --- | --- | --- |"]
     stats = {}
     for frac in fractions:
         row = [f"{100 * frac:g}%"]
         for m in METHODS:
-            vals = [100 * r["top1"] for r in results if r["fraction"] == frac and r["method"] == m]
-            stats[(frac, m)] = (np.mean(vals), np.std(vals), len(vals)) if vals else (np.nan, np.nan, 0)
-            mean, std, n = stats[(frac, m)]
-            row.append(f"{mean:.1f} ± {std:.1f} (n={n})" if n else "–")
+            vals = values(frac, m, "top1")
+            stats[(frac, m)] = (np.mean(vals), np.std(vals, ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else 0.0,
+                                len(vals)) if vals else (np.nan, np.nan, 0)
+            row.append(_stat(vals))
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "| labels | SemPPL k-NN top-1 | alpha = 0 k-NN top-1 |", "| --- | --- | --- |"]
+    lines += ["", "k-NN top-1 (%), frozen encoder, labelled digits as support; raw pixels need no training:", "",
+              "| labels | SemPPL k-NN top-1 | alpha = 0 k-NN top-1 | raw-pixel k-NN top-1 |",
+              "| --- | --- | --- | --- |"]
     for frac in fractions:
-        row = [f"{100 * frac:g}%"]
-        for m in METHODS[:2]:
-            vals = [100 * r["knn_top1"] for r in results
-                    if r["fraction"] == frac and r["method"] == m and "knn_top1" in r]
-            row.append(f"{np.mean(vals):.1f} ± {np.std(vals):.1f} (n={len(vals)})" if vals else "–")
+        row = [f"{100 * frac:g}%"] + [_stat(values(frac, m, "knn_top1")) for m in METHODS[:2]]
+        # The pixel baseline depends only on the seed's labelled subset: once per seed.
+        pixel = {r["seed"]: 100 * r["pixel_knn_top1"] for r in results
+                 if r["fraction"] == frac and "pixel_knn_top1" in r}
+        row.append(_stat(list(pixel.values())))
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "| labels | SemPPL − alpha = 0 (paired by seed) | SemPPL − supervised (paired by seed) |",
-              "| --- | --- | --- |"]
+    lines += ["", "Differences paired by seed (same labelled subset, same initialisation):", "",
+              "| labels | fine-tune: SemPPL − alpha = 0 | fine-tune: SemPPL − supervised | k-NN: SemPPL − alpha = 0 |",
+              "| --- | --- | --- | --- |"]
     for frac in fractions:
-        row = [f"{100 * frac:g}%"]
-        for other in METHODS[1:]:
-            diffs = paired_differences(results, frac, other)
-            row.append(f"{np.mean(diffs):+.1f} ± {np.std(diffs):.1f} (SemPPL ahead in {sum(d > 0 for d in diffs)}"
-                       f" of {len(diffs)})" if diffs else "–")
+        row = [f"{100 * frac:g}%", _paired(paired_differences(results, frac, "alpha0")),
+               _paired(paired_differences(results, frac, "supervised")),
+               _paired(paired_differences(results, frac, "alpha0", "knn_top1"))]
         lines.append("| " + " | ".join(row) + " |")
     table = "\n".join(lines)
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
-        f.write("Top-1 (%) on the 1,000 MNIST test digits, mean ± std over seeds: fine-tuned on the\n"
-                "labelled digits (first table); weighted k-NN (k=20) of the frozen encoder with the\n"
-                "labelled digits as support (second table); fine-tuned differences per seed (third).\n\n"
-                + table + "\n")
+        f.write("Top-1 (%) on the 1,000 MNIST test digits, mean ± standard error over seeds.\n\n" + table + "\n")
     with open(os.path.join(workdir, "comparison.json"), "w") as f:
         json.dump(results, f, indent=1)
 

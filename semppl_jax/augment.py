@@ -16,10 +16,17 @@ import jax.numpy as jnp
 IMAGENET_MEAN = jnp.array([0.485, 0.456, 0.406], jnp.float32)
 IMAGENET_STD = jnp.array([0.229, 0.224, 0.225], jnp.float32)
 
+def _channel_max_min(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-pixel max and min over the 3 channels, written elementwise (not as a
+    reduction) so that XLA fuses it with its neighbours: fewer passes over the image."""
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    return jnp.maximum(jnp.maximum(r, g), b), jnp.minimum(jnp.minimum(r, g), b)
+
+
 def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    v = jnp.max(rgb, axis=-1)
-    c = v - jnp.min(rgb, axis=-1)
+    v, lo = _channel_max_min(rgb)
+    c = v - lo
     s = jnp.where(v > 0, c / jnp.where(v > 0, v, 1.0), 0.0)
     safe_c = jnp.where(c > 0, c, 1.0)
     h = jnp.where(v == r, (g - b) / safe_c, jnp.where(v == g, 2.0 + (b - r) / safe_c, 4.0 + (r - g) / safe_c))
@@ -34,9 +41,6 @@ def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
     return v[..., None] - v[..., None] * s[..., None] * jnp.clip(jnp.minimum(p, 4.0 - p), 0.0, 1.0)
 
 
-_OPS = ("brightness", "contrast", "saturation", "hue")
-
-
 def _adjust_saturation(x: jax.Array, factor: jax.Array) -> jax.Array:
     """HSV saturation scaled by ``factor`` (clipped to [0, 1]) without the HSV round trip.
 
@@ -44,27 +48,41 @@ def _adjust_saturation(x: jax.Array, factor: jax.Array) -> jax.Array:
     per channel; scaling S = c / v by f gives v - min(f c, v) g(h), i.e. each channel
     moves towards v by the factor min(f c, v) / c. Equal to ``hsv_to_rgb`` after
     ``rgb_to_hsv`` up to rounding (``tests/test_augment.py``)."""
-    v = jnp.max(x, axis=-1, keepdims=True)
-    c = v - jnp.min(x, axis=-1, keepdims=True)
+    v, lo = _channel_max_min(x)
+    v, c = v[..., None], (v - lo)[..., None]
     scale = jnp.where(c > 0, jnp.minimum(factor * c, v) / jnp.where(c > 0, c, 1.0), 1.0)
     return v - (v - x) * scale
 
 
 def _adjust_hue(x: jax.Array, delta: jax.Array) -> jax.Array:
-    hsv = rgb_to_hsv(x)
-    return hsv_to_rgb(hsv.at[..., 0].set((hsv[..., 0] + delta) % 1.0))
+    """HSV hue shifted by ``delta`` (a fraction of the circle), S and V kept.
+
+    Elementwise, so that XLA fuses it into few passes: with v = max, c = max - min
+    and hue h, channel k is v - c clip(min(p, 4 - p), 0, 1), p = (k + 6h) mod 6 for
+    k = 5, 3, 1 (r, g, b): ``hsv_to_rgb(rgb_to_hsv(x))`` with v s = c, up to rounding
+    (``tests/test_augment.py``)."""
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v, lo = _channel_max_min(x)
+    c = v - lo
+    safe_c = jnp.where(c > 0, c, 1.0)
+    h = jnp.where(v == r, (g - b) / safe_c, jnp.where(v == g, 2.0 + (b - r) / safe_c, 4.0 + (r - g) / safe_c))
+    h = jnp.where(c > 0, (h / 6.0) % 1.0, 0.0)
+    p = (jnp.asarray([5.0, 3.0, 1.0], x.dtype) + ((h + delta) % 1.0)[..., None] * 6.0) % 6.0
+    return v[..., None] - c[..., None] * jnp.clip(jnp.minimum(p, 4.0 - p), 0.0, 1.0)
 
 
 def color_jitter(key: jax.Array, x: jax.Array, brightness: float, contrast: float, saturation: float,
                  hue: float) -> jax.Array:
-    """BYOL's four jitters in a random order, each clipped to [0, 1], each computed once.
+    """BYOL's four jitters in a random order, each applied once and clipped to [0, 1].
 
     Under ``vmap`` a ``lax.switch`` over the order evaluates every op at every
-    position (16 ops, 8 of them HSV round trips); here position ``i`` draws its
-    factor from ``keys[i]`` as before, brightness, contrast and saturation share
-    one per-pixel affine form ``x -> a x + b`` (so a position costs one such op),
-    and hue, the only op needing HSV, runs once between the positions before and
-    after it. Ops whose strength is 0 are identities and are not built.
+    position as separate computations (16 ops, 8 of them HSV round trips, each a
+    few passes over memory). Here position ``i`` draws its factor from ``keys[i]``
+    as the switch did (same distribution, image for image: ``tests/test_augment.py``);
+    brightness, contrast and saturation share one per-pixel form ``x -> a x + b``,
+    and hue is a closed-form elementwise formula, so a position is one fused pass
+    over the image (hue's formula rides along in that pass where it is not drawn,
+    which costs arithmetic, not memory). Ops whose strength is 0 are not built.
     """
     order_key, *keys = jax.random.split(key, 5)
     order = jax.random.permutation(order_key, 4)  # order[i]: the op at position i
@@ -73,7 +91,6 @@ def color_jitter(key: jax.Array, x: jax.Array, brightness: float, contrast: floa
     # The factor of the op at position i, drawn from keys[i] exactly as a switch would.
     factor = jnp.stack([jax.random.uniform(keys[i], (), minval=centre[order[i]] - strength[order[i]],
                                            maxval=centre[order[i]] + strength[order[i]]) for i in range(4)])
-    hue_position = jnp.argmax(order == 3)
 
     def affine_op(x: jax.Array, i: int) -> jax.Array:
         """The brightness, contrast or saturation op at position i (identity if it is hue)."""
@@ -86,20 +103,17 @@ def color_jitter(key: jax.Array, x: jax.Array, brightness: float, contrast: floa
             y = jnp.where(op == 2, _adjust_saturation(x, f), y)
         return jnp.clip(y, 0.0, 1.0)
 
-    if not hue:
-        for i in range(4):
+    for i in range(4):  # hue, where drawn, in place of the affine op: one fused pass a position
+        if hue:
+            hued = jnp.clip(_adjust_hue(x, factor[i]), 0.0, 1.0)
+            x = jnp.where(order[i] == 3, hued, affine_op(x, i))
+        else:
             x = jnp.where(order[i] == 3, x, affine_op(x, i))
-        return x
-    for i in range(3):  # the ops before hue ...
-        x = jnp.where(i < hue_position, affine_op(x, i), x)
-    x = jnp.clip(_adjust_hue(x, factor[hue_position]), 0.0, 1.0)
-    for i in range(1, 4):  # ... and after it
-        x = jnp.where(i > hue_position, affine_op(x, i), x)
     return x
 
 
 def to_grayscale(x: jax.Array) -> jax.Array:
-    gray = jnp.tensordot(x, jnp.array([0.2989, 0.587, 0.114], x.dtype), axes=1)
+    gray = 0.2989 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]  # elementwise: fuses
     return jnp.repeat(gray[..., None], 3, axis=-1)
 
 

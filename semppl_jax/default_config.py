@@ -74,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
         queue_size=20_480,  # best reading: entries (one per labelled image and large view)
         knn_query="target",  # 'target' projections (method default) or 'online' predictions
         knn_approx=False,  # lax.approx_max_k for the k-NN (TPU's fast top-k; exact elsewhere)
+        # Not in the paper (an option to test): no semantic positives until the queue is full,
+        # so the first pseudo-labels, voted by a few early entries, draw no positives.
+        positives_after_queue_full=False,
         num_negatives=ml_collections.FieldReference(None, field_type=int),  # None: all B-1
         same_crop_pairs=False,
     ))

@@ -8,7 +8,6 @@ running it again with the same workdir resumes pretraining where it stopped.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -37,6 +36,7 @@ def plot_curves(metrics_path: str, out_path: str) -> str | None:
     axes[0].plot(steps, [r["loss"] for r in records], label="objective")
     axes[0].plot(steps, [r["l_augm"] for r in records], label="L_augm")
     axes[0].plot(steps, [r["l_sempos"] for r in records], label="L_sempos")
+    axes[0].plot(steps, [r["l_augm_ratio"] for r in records], "--", label="L_augm / log B (1 = chance)")
     axes[0].set_title("losses")
     axes[1].plot(steps, [r["pseudo_label_accuracy"] for r in records], label="pseudo-label acc.")
     axes[1].plot(steps, [r["probe_accuracy"] for r in records], label="online probe acc.")
@@ -63,6 +63,7 @@ def run(workdir: str, fraction: str = "0.1", steps: int | None = None, seed: int
     from experiments import eval as eval_presets
     from experiments import mnist5k
     from semppl_jax import jobs as launcher
+    from semppl_jax.metric_writers import write_json_atomic
 
     t0 = time.time()
     config = mnist5k.get_config(fraction)
@@ -79,6 +80,9 @@ def run(workdir: str, fraction: str = "0.1", steps: int | None = None, seed: int
         eval_config.seed = seed
         eval_config.eval.checkpoint = pretrain_dir
         results[protocol] = launcher.evaluate(eval_config, os.path.join(workdir, protocol))
+    from semppl_jax import evaluation
+
+    pixels = evaluation.pixel_knn(eval_presets.get_config(f"knn,mnist5k,{fraction}"))  # needs no training
     exported = launcher.export(config, pretrain_dir)
     curves = plot_curves(os.path.join(pretrain_dir, "metrics.jsonl"), os.path.join(workdir, "curves.png"))
     summary = dict(
@@ -87,25 +91,28 @@ def run(workdir: str, fraction: str = "0.1", steps: int | None = None, seed: int
         final_pseudo_label_accuracy=train_summary.get("pseudo_label_accuracy"),
         final_semantic_positive_fraction=train_summary.get("semantic_positive_fraction"),
         finetune_top1=results["finetune"]["top1"], finetune_top5=results["finetune"]["top5"],
-        knn_top1=results["knn"]["top1"], knn_top5=results["knn"]["top5"],
+        knn_top1=results["knn"]["top1"], knn_top5=results["knn"]["top5"], pixel_knn_top1=pixels["top1"],
         test_examples=results["knn"]["num_examples"], labelled_examples=results["knn"]["support_size"],
         exported=exported, curves=curves, pretrain_seconds=round(t_pretrain, 1),
         total_seconds=round(time.time() - t0, 1))
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     return summary
 
 
 def format_summary(s: dict) -> str:
+    from experiments import mnist5k
+
     return "\n".join([
         "=" * 72,
         f"SemPPL demo on {s['dataset']}",
-        f"  labels: {s['labelled_examples']} of 4000 training digits ({100 * s['label_fraction']:.0f}%)",
+        f"  labels: {s['labelled_examples']} of {mnist5k.TRAIN_DIGITS} training digits "
+        f"({100 * s['label_fraction']:g}%)",
         f"  pretraining: {s['pretrain_steps']} steps in {s['pretrain_seconds']:.0f}s; final pseudo-label "
         f"accuracy on unlabelled digits {100 * s['final_pseudo_label_accuracy']:.1f}%",
         f"  fine-tuned on the labelled digits: top-1 {100 * s['finetune_top1']:.1f}% "
         f"(top-5 {100 * s['finetune_top5']:.1f}%) on {s['test_examples']} test digits",
-        f"  k-NN (k=20) with the labelled digits as support: top-1 {100 * s['knn_top1']:.1f}%",
+        f"  k-NN (k=20) with the labelled digits as support: top-1 {100 * s['knn_top1']:.1f}% "
+        f"(raw pixels, no training: {100 * s['pixel_knn_top1']:.1f}%)",
         f"  exported encoder (released format): {s['exported']}",
         f"  curves: {s['curves']}",
         f"  total time: {s['total_seconds'] / 60:.1f} min",

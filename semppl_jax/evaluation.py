@@ -229,6 +229,28 @@ def knn_eval(net, params, net_state, train_source, labelled, test_source, config
     return dict(top1=top1, top5=top5, num_examples=int(len(test_y)), support_size=int(len(train_y)))
 
 
+def pixel_knn(config: Any, train_source=None, labelled: np.ndarray | None = None, test_source=None) -> dict:
+    """The baseline that needs no training: the same weighted k-NN as ``knn_eval``, on the
+    raw pixels of the same centre crops (support: the labelled subset). Host-side."""
+    train_source = train_source or datasets.load_split(config, config.dataset.train_split)
+    test_source = test_source or datasets.load_split(config, config.dataset.eval_split)
+    labelled = datasets.config_labelled_mask(config, train_source) if labelled is None else labelled
+
+    def pixels(source):
+        xs, ys = [], []
+        for b in input_pipeline.eval_dataset(source, config, 256).as_numpy_iterator():
+            xs.append(b["image"][b["mask"]].reshape(int(b["mask"].sum()), -1).astype(np.float32))
+            ys.append(b["label"][b["mask"]])
+        return np.concatenate(xs), np.concatenate(ys)
+
+    support_x, support_y = pixels(_subset_source(train_source, labelled))
+    test_x, test_y = pixels(test_source)
+    scores = knn_classify(support_x, support_y, test_x, test_source.num_classes, config.eval.knn_k,
+                          config.eval.knn_temperature)
+    top1, top5 = topk_accuracy(scores, test_y)
+    return dict(top1=top1, top5=top5, num_examples=int(len(test_y)), support_size=int(len(support_y)))
+
+
 def _subset_source(source: datasets.Source, mask: np.ndarray) -> datasets.Source:
     import tensorflow as tf
 

@@ -106,20 +106,33 @@ def pseudo_labels(queue: QueueState, queries: jax.Array, k: int, num_classes: in
     return label
 
 
-def _bound(sorted_values: jax.Array, lo: jax.Array, hi: jax.Array, value: jax.Array, right: bool
-           ) -> jax.Array:
-    """First index in ``[lo, hi)`` whose value is ``> value`` (right) or ``>= value`` (left),
-    by bisection: a search inside one label's segment of the sorted queue."""
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) // 2
-        v = sorted_values[jnp.clip(mid, 0, sorted_values.shape[0] - 1)]
-        go_right = (v <= value) if right else (v < value)
-        go_right &= lo < hi
-        return jnp.where(go_right, mid + 1, lo), jnp.where(go_right | (lo >= hi), hi, mid)
+# Tries per semantic positive: a try is a uniform draw from the label's segment,
+# rejected if it is one of the image's own entries. A draw fails (and is dropped, as
+# an invalid positive) only if all tries hit own entries: probability
+# (own / segment)^64, e.g. 5e-12 when two of three entries are the image's own.
+POSITIVE_TRIES = 64
 
-    steps = max(1, int(sorted_values.shape[0]).bit_length())
-    return jax.lax.fori_loop(0, steps, body, (lo, hi))[0]
+
+def sort_by_label(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Queue slots ordered by label (empty slots last), as (sorted label keys, slots).
+
+    When the labels fit, label and slot are packed into one int32 and sorted as a
+    single key (XLA sorts one operand several times faster than key + payload);
+    otherwise a key-payload sort. Both give the same order (ties by slot).
+    """
+    size = labels.shape[0]
+    bits = max(1, int(size - 1).bit_length())
+    empty = (1 << (31 - bits)) - 1  # the largest label key that packs
+    slots = jnp.arange(size, dtype=jnp.int32)
+
+    def packed(_):
+        key = jnp.sort((jnp.where(labels >= 0, labels, empty) << bits) | slots)
+        return key >> bits, key & ((1 << bits) - 1)
+
+    def general(_):
+        return jax.lax.sort((jnp.where(labels >= 0, labels, jnp.iinfo(jnp.int32).max), slots), num_keys=1)
+
+    return jax.lax.cond(jnp.max(labels) < empty, packed, general, None)
 
 
 def sample_positives(key: jax.Array, queue: QueueState, labels: jax.Array, ids: jax.Array,
@@ -127,32 +140,28 @@ def sample_positives(key: jax.Array, queue: QueueState, labels: jax.Array, ids: 
     """Draws M queue entries per image, uniformly with replacement, among entries
     with the image's (pseudo-)label and another image's id.
 
-    The queue is sorted once by (label, id): each label is then one segment, and an
-    image's own entries one run inside it. Searching both and drawing a uniform
-    integer over the segment minus that run costs O(C log C + n M log C), with no
-    ``[n, C]`` matrix. Returns embeddings ``[n, M, D]`` and a validity mask ``[n, M]``
-    (all False where the image has no label or no eligible entry). Keys are folded
-    with the global image index, so draws do not depend on the device layout.
+    The queue is sorted once by label, so each label is one segment (found by
+    ``searchsorted``); a draw is a uniform position in the image's segment,
+    redrawn while it lands on one of the image's own entries (rejection: exactly
+    uniform over the eligible entries). O(C log C + n M) with no ``[n, C]`` matrix.
+    Returns embeddings ``[n, M, D]`` and a validity mask ``[n, M]``: False where the
+    image has no label or no eligible entry (and, with probability
+    (own / segment)^64, for a draw whose every try hit an own entry). Keys are
+    folded with the global image index, so draws do not depend on the device layout.
     """
-    size = queue.labels.shape[0]
-    # Empty slots (label -1) sort last: they never fall inside a label's segment.
-    label_key = jnp.where(queue.labels >= 0, queue.labels, jnp.iinfo(jnp.int32).max)
-    sorted_label, sorted_id, perm = jax.lax.sort((label_key, queue.ids, jnp.arange(size, dtype=jnp.int32)),
-                                                 num_keys=2)
+    sorted_label, slot = sort_by_label(queue.labels)
     start = jnp.searchsorted(sorted_label, labels, side="left").astype(jnp.int32)
-    end = jnp.searchsorted(sorted_label, labels, side="right").astype(jnp.int32)
-    own_lo = _bound(sorted_id, start, end, ids, right=False)
-    own_hi = _bound(sorted_id, start, end, ids, right=True)
-    num_own = own_hi - own_lo
-    eligible = jnp.where(labels >= 0, end - start - num_own, 0)
+    count = jnp.searchsorted(sorted_label, labels, side="right").astype(jnp.int32) - start
+    count = jnp.where(labels >= 0, count, 0)
+    ids_in_order = queue.ids[slot]
 
     def draw(idx: jax.Array, n: jax.Array) -> jax.Array:
-        return jax.random.randint(jax.random.fold_in(key, idx), (num_positives,), 0, jnp.maximum(n, 1))
+        return jax.random.randint(jax.random.fold_in(key, idx), (num_positives, POSITIVE_TRIES), 0,
+                                  jnp.maximum(n, 1))
 
-    r = jax.vmap(draw)(global_index, eligible)  # [n, M]: rank among the eligible entries
-    pos = start[:, None] + r
-    pos = jnp.where(pos >= own_lo[:, None], pos + num_own[:, None], pos)  # step over the own run
-    has_any = eligible > 0
-    chosen = perm[jnp.where(has_any[:, None], jnp.clip(pos, 0, size - 1), 0)]
-    valid = jnp.broadcast_to(has_any[:, None], chosen.shape)
+    tries = start[:, None, None] + jax.vmap(draw)(global_index, count)  # [n, M, T] positions
+    ok = (ids_in_order[tries] != ids[:, None, None]) & (count > 0)[:, None, None]
+    first = jnp.argmax(ok, axis=-1)  # the first accepted try
+    chosen = slot[jnp.take_along_axis(tries, first[..., None], axis=-1)[..., 0]]
+    valid = jnp.take_along_axis(ok, first[..., None], axis=-1)[..., 0]
     return queue.embeddings[chosen], valid

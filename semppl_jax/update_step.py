@@ -170,6 +170,8 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
         working_label = jnp.where(inputs.is_labelled, inputs.label, pseudo)
         positives, positive_valid = pl_queue.sample_positives(
             pos_key, state.queue, working_label, inputs.image_id, global_index, cfg.num_positives)
+        if cfg.get("positives_after_queue_full", False):  # departs from the paper: see default_config
+            positive_valid &= pl_queue.fill_fraction(state.queue) >= 1.0
 
         def loss_fn(params):
             online, out, net_state = online_predictions(params)

@@ -38,11 +38,13 @@ def test_report_tables_match_hand_computed_statistics(tmp_path):
                _result("supervised", 0, 0.85), _result("semppl", 1, 0.80, knn=0.60),
                _result("alpha0", 1, 0.84, knn=0.70), _result("supervised", 1, 0.75)]
     table = compare.write_report(results, str(tmp_path))
-    # SemPPL 90 / 80 -> 85.0 +- 5.0; alpha0 88 / 84 -> 86.0 +- 2.0; supervised 85 / 75 -> 80.0 +- 5.0.
+    # Mean ± standard error (sample std / sqrt(n); for n = 2 that is |a - b| / 2):
+    # SemPPL 90 / 80 -> 85.0 ± 5.0; alpha0 88 / 84 -> 86.0 ± 2.0; supervised 85 / 75 -> 80.0 ± 5.0.
     assert "| 10% | 85.0 ± 5.0 (n=2) | 86.0 ± 2.0 (n=2) | 80.0 ± 5.0 (n=2) |" in table
-    assert "| 10% | 70.0 ± 10.0 (n=2) | 70.0 ± 0.0 (n=2) |" in table  # k-NN
-    # Paired: +2, -4 -> -1.0 +- 3.0 (1 of 2); +5, +5 -> +5.0 +- 0.0 (2 of 2).
-    assert "| 10% | -1.0 ± 3.0 (SemPPL ahead in 1 of 2) | +5.0 ± 0.0 (SemPPL ahead in 2 of 2) |" in table
+    assert "| 10% | 70.0 ± 10.0 (n=2) | 70.0 ± 0.0 (n=2) | – |" in table  # k-NN (no pixel baseline given)
+    # Paired: +2, -4 -> -1.0 +- 3.0 (1 of 2); +5, +5 -> +5.0 +- 0.0 (2 of 2); k-NN +10, -10 -> 0 +- 10.
+    assert ("| 10% | -1.0 ± 3.0 (SemPPL ahead in 1 of 2) | +5.0 ± 0.0 (SemPPL ahead in 2 of 2) | "
+            "+0.0 ± 10.0 (SemPPL ahead in 1 of 2) |") in table
     for name in ("comparison.md", "comparison.png", "pseudo_labels.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "comparison.json").read_text()) == results

@@ -80,7 +80,9 @@ def test_corrupt_truncated_and_missing_files_give_clear_errors(exported, tmp_pat
 
 def test_evaluation_starts_from_a_released_pickle(exported):
     config, state, path = exported
-    pre_params, pre_state = evaluation.load_pretrained(path, config)
+    pretrained = evaluation.load_pretrained(path, config)
+    pre_params, pre_state = pretrained.params, pretrained.state
+    assert pretrained.step == int(state.step) and pretrained.source == path
     net = evaluation.make_classifier(config.model, 10, None)
     params, net_state = net.init(jax.random.key(5), jnp.zeros((2, 32, 32, 3)), True)
     params, net_state = evaluation.transplant(params, net_state, pre_params, pre_state)

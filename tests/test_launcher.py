@@ -90,3 +90,57 @@ def test_command_line_run_on_eight_devices(tmp_path):
     bad = subprocess.run(cmd[:-1] + ["--config.training.batch_size=30"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "config.training.batch_size: 30 is not divisible" in bad.stderr
+
+
+def _collapsing_config():
+    """The KL weighted 100x the InfoNCE at a huge LR: the InfoNCE stays at chance."""
+    config = tiny.get_config()
+    config.training.update(num_steps=16, log_every_steps=2, checkpoint_every_steps=1000)
+    config.semppl.lam, config.optim.base_lr = 100.0, 10.0
+    return config
+
+
+def test_collapse_guard_warns_once_and_stops_with_a_checkpoint(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        jobs.train(_collapsing_config(), str(tmp_path / "warn"))
+    warnings = [r.getMessage() for r in caplog.records if "collapse at step" in r.getMessage()]
+    assert len(warnings) == 1 and "l_augm_ratio" in warnings[0]
+    records = [json.loads(line) for line in (tmp_path / "warn" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"embedding_std", "l_augm_ratio"} <= set(r) for r in records)
+
+    config = _collapsing_config()
+    config.training.stop_on_collapse = True
+    with pytest.raises(jobs.CollapseError, match="l_augm_ratio") as err:
+        jobs.train(config, str(tmp_path / "stop"))
+    stopped = int(str(err.value).split("stopped at step ")[1].split(" ")[0])
+    assert 8 < stopped < 16  # after the 8 warm-up steps, before the end
+    assert checkpointing.latest_step(str(tmp_path / "stop")) == stopped
+
+
+def test_collapse_signals_on_healthy_and_collapsed_metrics():
+    t = tiny.get_config().training
+    healthy = dict(embedding_std=0.079, l_augm_ratio=0.65)  # the mnist5k demo after warm-up (D=128)
+    assert jobs.collapse_signals(healthy, 128, t) == []
+    collapsed = dict(embedding_std=0.002, l_augm_ratio=0.999)
+    fired = jobs.collapse_signals(collapsed, 128, t)
+    assert len(fired) == 2 and fired[0].startswith("embedding_std") and fired[1].startswith("l_augm_ratio")
+
+
+def test_a_stale_export_never_shadows_a_newer_checkpoint(tmp_path):
+    from semppl_jax import evaluation
+
+    config = tiny.get_config()
+    config.training.update(num_steps=4, checkpoint_every_steps=2)
+    jobs.train(config, str(tmp_path), stop_after=2)
+    jobs.export(config, str(tmp_path))  # pretrain.pkl at step 2
+    assert evaluation.load_pretrained(str(tmp_path), config).step == 2
+    jobs.train(config, str(tmp_path))  # checkpoint at step 4, newer than the export
+    newest = evaluation.load_pretrained(str(tmp_path), config)
+    assert newest.step == 4 and newest.source.endswith("checkpoints/4")
+    # The encoder alone is read: an eval config with another queue and heads still loads it.
+    other = tiny.get_config()
+    other.semppl.queue_size, other.model.projection_size = 16, 8
+    assert evaluation.load_pretrained(str(tmp_path), other).step == 4
+    other.model.depth = "resnet18"
+    with pytest.raises(checkpointing.ConfigDriftError, match="model.depth"):
+        evaluation.load_pretrained(str(tmp_path), other)
