@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from synthetic_batch import random_batch  # noqa: E402
 
 from experiments import imagenet  # noqa: E402
 from semppl_jax import memory, update_step  # noqa: E402
@@ -51,17 +52,6 @@ def make_config(args, per_device: int):
     c.training.batch_size = per_device
     c.training.compute_dtype = args.dtype
     return c
-
-
-def random_batch(config, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    v, b = config.views, config.training.batch_size
-    true = rng.integers(0, 1000, b).astype(np.int32)
-    lab = rng.uniform(size=b) < 0.1
-    return dict(large=rng.integers(0, 256, (b, v.num_large, v.large_size, v.large_size, 3), dtype=np.uint8),
-                small=rng.integers(0, 256, (b, v.num_small, v.small_size, v.small_size, 3), dtype=np.uint8),
-                label=np.where(lab, true, -1).astype(np.int32), is_labelled=lab,
-                image_id=np.arange(b, dtype=np.int32), true_label=true)
 
 
 def compile_step(config, mesh):

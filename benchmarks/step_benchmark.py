@@ -16,7 +16,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from synthetic_batch import random_batch
 
 from experiments import tiny
 from semppl_jax import losses, update_step
@@ -31,17 +31,6 @@ def _time(fn, *args, iters: int) -> float:
         out = fn(*args)
     jax.block_until_ready(out)
     return (time.perf_counter() - t) / iters
-
-
-def _batch(config, seed=0):
-    rng = np.random.default_rng(seed)
-    v, b = config.views, config.training.batch_size
-    true = rng.integers(0, 10, b).astype(np.int32)
-    lab = rng.uniform(size=b) < 0.1
-    return dict(large=rng.integers(0, 256, (b, v.num_large, v.large_size, v.large_size, 3), dtype=np.uint8),
-                small=rng.integers(0, 256, (b, v.num_small, v.small_size, v.small_size, 3), dtype=np.uint8),
-                label=np.where(lab, true, -1).astype(np.int32), is_labelled=lab,
-                image_id=np.arange(b, dtype=np.int32), true_label=true)
 
 
 def bare_step(config, num_classes):
@@ -73,7 +62,7 @@ def bare_step(config, num_classes):
 
 def step_times(name, config, iters) -> list[dict]:
     mesh = update_step.make_mesh(jax.devices()[:1])
-    batch = update_step.shard_batch(_batch(config), mesh)
+    batch = update_step.shard_batch(random_batch(config, 10), mesh)
     init = jax.device_get(update_step.init_state(config, jax.random.key(0), 10, 100, 10))
     rows = []
     for label, alpha in (("SemPPL step", config.semppl.alpha), ("alpha = 0 step", 0.0)):

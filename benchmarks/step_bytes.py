@@ -22,8 +22,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
+from synthetic_batch import random_batch
 
 from experiments import imagenet
 from semppl_jax import losses, optim, update_step
@@ -86,17 +86,6 @@ def analyse(fn, state, batch) -> dict:
                 temp_bytes=int(mem.temp_size_in_bytes) if mem is not None else None)
 
 
-def batch_for(config, seed=0) -> dict:
-    rng = np.random.default_rng(seed)
-    v, b = config.views, config.training.batch_size
-    true = rng.integers(0, 1000, b).astype(np.int32)
-    lab = rng.uniform(size=b) < 0.1
-    return dict(large=rng.integers(0, 256, (b, v.num_large, v.large_size, v.large_size, 3), dtype=np.uint8),
-                small=rng.integers(0, 256, (b, v.num_small, v.small_size, v.small_size, 3), dtype=np.uint8),
-                label=np.where(lab, true, -1).astype(np.int32), is_labelled=lab,
-                image_id=np.arange(b, dtype=np.int32), true_label=true)
-
-
 def queue_timing(size=204_800, n=64, m=3, dim=256, classes=1000, views=4, iters=20) -> dict:
     key = jax.random.key(0)
     q = pl_queue.QueueState(embeddings=losses.l2_normalize(jax.random.normal(key, (size, dim))),
@@ -134,7 +123,7 @@ def main() -> None:
     mesh = update_step.make_mesh(jax.local_devices()[:1])
     state = update_step.replicate(jax.device_get(update_step.init_state(config, jax.random.key(0), 1000, 100, 10)),
                                   mesh)
-    batch = update_step.shard_batch(batch_for(config), mesh)
+    batch = update_step.shard_batch(random_batch(config), mesh)
     semppl = update_step.shard_step(update_step.make_update_step(config, 1000, 100, 10), mesh)
     bare = jax.jit(jax.shard_map(bare_update(config, 1000, 100), mesh=mesh, in_specs=(P(), P("data")),
                                  out_specs=(P(), P()), check_vma=False))
