@@ -1,6 +1,6 @@
 """The SemPPL update step, written per replica and mapped over a 1-D ``data`` mesh.
 
-Read top to bottom, one step is (numbers refer to ``semppl_method.md``):
+Read top to bottom, one step is (numbers refer to ``docs/method.md``):
 augment views on device -> target projections, all-gathered (the negatives and
 k-NN queries) -> pseudo-labels by k-NN over the queue (3) -> semantic positives
 (4) -> online forward and the loss ``c (L_augm + alpha L_sempos) + lambda I``

@@ -144,3 +144,32 @@ def test_a_stale_export_never_shadows_a_newer_checkpoint(tmp_path):
     other.model.depth = "resnet18"
     with pytest.raises(checkpointing.ConfigDriftError, match="model.depth"):
         evaluation.load_pretrained(str(tmp_path), other)
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    config = tiny.get_config()
+    config.training.update(num_steps=6, checkpoint_every_steps=1)
+    config.optim.base_lr = 1e38  # once the warm-up LR is non-zero, an update overflows the weights
+    with pytest.raises(FloatingPointError, match="non-finite") as err:
+        jobs.train(config, str(tmp_path))
+    failed = int(str(err.value).split("at step ")[1].split(":")[0].split(" ")[0])
+    saved = checkpointing.latest_step(str(tmp_path))
+    assert saved is None or saved < failed  # the step that went non-finite was not saved
+    if saved is not None:
+        state, _ = checkpointing.restore_state(str(tmp_path), config)
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.online_params))
+
+
+def test_metrics_file_keeps_each_step_once_and_survives_a_torn_line(tmp_path):
+    from semppl_jax.metric_writers import MetricWriter, read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.9}\n{"step": 6, "lo')  # crash mid-write
+    assert [r["step"] for r in read_jsonl(str(path))] == [2, 4]
+    writer = MetricWriter(str(tmp_path), tensorboard=False, resume_step=2)  # resumed from step 2's checkpoint
+    writer.write(4, {"loss": 0.8})
+    writer.close()
+    assert [(r["step"], r["loss"]) for r in read_jsonl(str(path))] == [(2, 1.0), (4, 0.8)]
+    path.write_text('{"step": 2}\nnot json\n{"step": 4}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_jsonl(str(path))  # a damaged line in the middle is an error, not skipped
