@@ -168,14 +168,11 @@ def latest_step(workdir: str) -> int | None:
     return step
 
 
-def restore_encoder(workdir: str, config: Any, step: int | None = None) -> tuple[dict, dict, int]:
-    """The online encoder's parameters and state from ``workdir`` (latest, or ``step``), alone.
-
-    A partial restore: the heads, queue, optimizer state and target network are not
-    read, so an evaluation config whose queue, optimizer or head sizes differ works. Arrays go
-    to this process's first device (every process can address it), and come back
-    as host numpy trees. A different architecture is refused, naming the field.
-    """
+def _open_for_reading(workdir: str, config: Any, step: int | None, signature: dict
+                      ) -> tuple[Checkpointer, int, Any, jax.sharding.Sharding]:
+    """(read-only checkpointer, step, abstract train state, this process's first device)
+    for ``step`` (latest if None), after refusing a checkpoint whose ``signature``
+    fields differ from the config's."""
     from semppl_jax import update_step
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False, read_only=True)
@@ -184,10 +181,25 @@ def restore_encoder(workdir: str, config: Any, step: int | None = None) -> tuple
         ckpt.close()
         raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
     meta = ckpt.read_meta(step)
-    encoder_sig = {f"model.{k}": config.model[k] for k in ENCODER_FIELDS}
-    check_resume(meta, encoder_sig, ckpt.directory)  # a different encoder: refused, naming the field
+    try:
+        check_resume(meta, signature(meta["num_classes"]), ckpt.directory)
+    except ConfigDriftError:
+        ckpt.close()
+        raise
     shapes = jax.eval_shape(lambda: update_step.init_state(config, jax.random.key(0), meta["num_classes"], 1, 1))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return ckpt, step, shapes, jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def restore_encoder(workdir: str, config: Any, step: int | None = None) -> tuple[dict, dict, int]:
+    """The online encoder's parameters and state from ``workdir`` (latest, or ``step``), alone.
+
+    A partial restore: the heads, queue, optimizer state and target network are not
+    read, so an evaluation config whose queue, optimizer or head sizes differ works. Arrays go
+    to this process's first device (every process can address it), and come back
+    as host numpy trees. A different encoder is refused, naming the field.
+    """
+    ckpt, step, shapes, device = _open_for_reading(
+        workdir, config, step, lambda _: {f"model.{k}": config.model[k] for k in ENCODER_FIELDS})
 
     def encoder_only(tree: dict) -> dict:
         return {m: v for m, v in tree.items() if m.split("/")[0] not in HEAD_MODULES}
@@ -205,17 +217,9 @@ def restore_encoder(workdir: str, config: Any, step: int | None = None) -> tuple
 
 def restore_state(workdir: str, config: Any, step: int | None = None) -> tuple[Any, int]:
     """The whole train state saved in ``workdir`` (latest, or ``step``), on this process's
-    first device (addressable by every process)."""
-    from semppl_jax import update_step
-
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False, read_only=True)
-    if ckpt.latest_step() is None:
-        ckpt.close()
-        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
-    meta = ckpt.read_meta(step)
-    check_resume(meta, arch_signature(config, meta["num_classes"]), ckpt.directory)
-    shapes = jax.eval_shape(lambda: update_step.init_state(config, jax.random.key(0), meta["num_classes"], 1, 1))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    first device (addressable by every process). A different model is refused."""
+    ckpt, step, shapes, device = _open_for_reading(
+        workdir, config, step, lambda num_classes: arch_signature(config, num_classes))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
     state, step = ckpt.restore(abstract, step)
     ckpt.close()
