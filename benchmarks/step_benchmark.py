@@ -92,9 +92,10 @@ def knn_costs(iters, per_replica_batch=256, views=4, dim=256, classes=1000, m=3)
     rows = []
     key = jax.random.key(0)
     for size in (1024, 4096, 16384, 65536, 131072):
-        q = pl_queue.QueueState(
+        q = pl_queue.indexed(pl_queue.QueueState(  # with the label order push maintains
             embeddings=losses.l2_normalize(jax.random.normal(key, (size, dim))),
-            labels=jax.random.randint(key, (size,), 0, classes), ids=jnp.arange(size), pointer=jnp.zeros((), jnp.int32))
+            labels=jax.random.randint(key, (size,), 0, classes), ids=jnp.arange(size),
+            pointer=jnp.zeros((), jnp.int32)))
         queries = losses.l2_normalize(jax.random.normal(jax.random.key(1), (views, per_replica_batch, dim)))
 
         @jax.jit

@@ -22,11 +22,15 @@ The checkpoint's metadata records the fields that define the run
 from __future__ import annotations
 
 import os
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+T = TypeVar("T")
 
 # Fields that define parameter or state shapes: never allowed to change on resume.
 ENCODER_FIELDS = ("depth", "width_multiplier", "resnet_v2", "sk_ratio")
@@ -143,9 +147,6 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state)))
         return restored["state"], step
 
-    def item_directory(self, step: int, item: str = "state") -> str:
-        return os.path.join(self.directory, str(step), item)
-
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
@@ -159,35 +160,79 @@ def abstract_like(tree: Any) -> Any:
 
 
 def latest_step(workdir: str) -> int | None:
+    """The newest complete checkpoint's step in ``workdir`` (None if none).
+
+    Lists finalized step directories only, without opening a manager, so it is safe
+    while a live run saves and deletes old steps in the same directory.
+    """
     directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return None
-    ckpt = Checkpointer(directory, keep=1, async_save=False, read_only=True)
-    step = ckpt.latest_step()
-    ckpt.close()
-    return step
+    steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
+    return max(steps, default=None)
 
 
-def _open_for_reading(workdir: str, config: Any, step: int | None, signature: dict
-                      ) -> tuple[Checkpointer, int, Any, jax.sharding.Sharding]:
-    """(read-only checkpointer, step, abstract train state, this process's first device)
-    for ``step`` (latest if None), after refusing a checkpoint whose ``signature``
-    fields differ from the config's."""
+READ_ATTEMPTS = 8
+
+
+class _Vanished(Exception):
+    """The step being read was deleted meanwhile (by the run that wrote it)."""
+
+
+def _read_live(read: Callable[[], T], what: str) -> T:
+    """``read()``, again while the checkpoint it reads vanishes under it.
+
+    A running job deletes its oldest step (``keep``) while an evaluator lists or reads
+    the same directory; Orbax or TensorStore then fail on a path that was complete a
+    moment before. Each retry starts from a fresh listing.
+    """
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return read()
+        except _Vanished as e:
+            if attempt + 1 == READ_ATTEMPTS:
+                raise RuntimeError(f"{what}: the latest checkpoint was deleted while being read "
+                                   f"{READ_ATTEMPTS} times; is a run saving faster than it can be read?"
+                                   ) from e.__cause__
+            time.sleep(0.05 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def _read_checkpoint(workdir: str, config: Any, step: int | None, signature: Callable[[int], dict],
+                     read: Callable[[str, Any, jax.sharding.Sharding], T]) -> T:
+    """``read(step directory, abstract train state, this process's first device)`` on
+    ``step`` (the latest if None), after refusing a checkpoint whose ``signature`` fields
+    differ from the config's.
+
+    Only the chosen step's directory is opened (no manager listing every step), so a
+    live run saving beside the reader is harmless; if it deletes the latest step while
+    it is read, the read starts again from the new latest. Any other failure is raised.
+    """
     from semppl_jax import update_step
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False, read_only=True)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        ckpt.close()
-        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
-    meta = ckpt.read_meta(step)
-    try:
-        check_resume(meta, signature(meta["num_classes"]), ckpt.directory)
-    except ConfigDriftError:
-        ckpt.close()
-        raise
-    shapes = jax.eval_shape(lambda: update_step.init_state(config, jax.random.key(0), meta["num_classes"], 1, 1))
-    return ckpt, step, shapes, jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    directory = os.path.join(workdir, "checkpoints")
+    if step is None and latest_step(workdir) is None:
+        raise FileNotFoundError(f"no checkpoint under {directory}")
+
+    def attempt() -> T:
+        chosen = step if step is not None else latest_step(workdir)
+        path = os.path.join(directory, str(chosen))
+        try:
+            if not os.path.isdir(path):
+                raise FileNotFoundError(
+                    f"no checkpoint {path} (complete steps: {sorted(ocp.utils.checkpoint_steps(directory))})")
+            meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+                os.path.join(path, "meta"), args=ocp.args.JsonRestore())
+            check_resume(meta, signature(meta["num_classes"]), path)
+            shapes = jax.eval_shape(
+                lambda: update_step.init_state(config, jax.random.key(0), meta["num_classes"], 1, 1))
+            return read(path, shapes, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+        except ConfigDriftError:
+            raise
+        except Exception as e:
+            if step is None and chosen not in ocp.utils.checkpoint_steps(directory):
+                raise _Vanished() from e
+            raise
+
+    return _read_live(attempt, directory)
 
 
 def restore_encoder(workdir: str, config: Any, step: int | None = None) -> tuple[dict, dict, int]:
@@ -198,29 +243,32 @@ def restore_encoder(workdir: str, config: Any, step: int | None = None) -> tuple
     to this process's first device (every process can address it), and come back
     as host numpy trees. A different encoder is refused, naming the field.
     """
-    ckpt, step, shapes, device = _open_for_reading(
-        workdir, config, step, lambda _: {f"model.{k}": config.model[k] for k in ENCODER_FIELDS})
-
     def encoder_only(tree: dict) -> dict:
         return {m: v for m, v in tree.items() if m.split("/")[0] not in HEAD_MODULES}
 
-    wanted = {"online_params": encoder_only(shapes.online_params), "online_state": encoder_only(shapes.online_state)}
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
-    reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    restored = reader.restore(ckpt.item_directory(step), args=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=restore_args, partial_restore=True))
-    ckpt.close()
-    host = jax.device_get(restored)
-    return host["online_params"], host["online_state"], step
+    def read(path: str, shapes: Any, device: jax.sharding.Sharding) -> tuple[dict, dict, int]:
+        wanted = {"online_params": encoder_only(shapes.online_params),
+                  "online_state": encoder_only(shapes.online_state)}
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)
+        restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
+        restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+            os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=restore_args, partial_restore=True))
+        host = jax.device_get(restored)
+        return host["online_params"], host["online_state"], int(os.path.basename(path))
+
+    return _read_checkpoint(workdir, config, step,
+                            lambda _: {f"model.{k}": config.model[k] for k in ENCODER_FIELDS}, read)
 
 
 def restore_state(workdir: str, config: Any, step: int | None = None) -> tuple[Any, int]:
     """The whole train state saved in ``workdir`` (latest, or ``step``), on this process's
     first device (addressable by every process). A different model is refused."""
-    ckpt, step, shapes, device = _open_for_reading(
-        workdir, config, step, lambda num_classes: arch_signature(config, num_classes))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-    state, step = ckpt.restore(abstract, step)
-    ckpt.close()
-    return state, step
+    def read(path: str, shapes: Any, device: jax.sharding.Sharding) -> tuple[Any, int]:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+        state = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
+            os.path.join(path, "state"), args=ocp.args.StandardRestore(abstract))
+        return state, int(os.path.basename(path))
+
+    return _read_checkpoint(workdir, config, step,
+                            lambda num_classes: arch_signature(config, num_classes), read)

@@ -82,7 +82,8 @@ def load_pretrained(checkpoint: str, config: Any) -> Pretrained:
             return Pretrained(params, state, step, pkl)
     if ckpt_step is None:
         raise FileNotFoundError(f"{checkpoint!r} holds neither checkpoints/ nor pretrain.pkl")
-    params, state, step = checkpointing.restore_encoder(checkpoint, config, ckpt_step)
+    # The latest again (not ``ckpt_step``): a live run may have deleted that one meanwhile.
+    params, state, step = checkpointing.restore_encoder(checkpoint, config)
     return Pretrained(params, state, step, os.path.join(checkpoint, "checkpoints", str(step)))
 
 

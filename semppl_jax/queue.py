@@ -12,12 +12,22 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+EMPTY_KEY = jnp.iinfo(jnp.int32).max  # the sort key of an empty slot: after every label
+
 
 class QueueState(NamedTuple):
     embeddings: jax.Array  # [C, D] float32, L2-normalised
     labels: jax.Array  # [C] int32, -1 marks an empty slot
     ids: jax.Array  # [C] int32, the image each entry came from
     pointer: jax.Array  # [] int32, next slot to write (FIFO)
+    # [C] int32: the slots ordered by label, empty slots last. ``push`` keeps it sorted
+    # by merging (O(C + B log B) a step), so sampling never sorts the queue. None (a
+    # queue built by hand) makes ``sample_positives`` sort the labels itself.
+    by_label: jax.Array | None = None
+
+
+def label_keys(labels: jax.Array) -> jax.Array:
+    return jnp.where(labels >= 0, labels, EMPTY_KEY)
 
 
 def init_queue(size: int, dim: int) -> QueueState:
@@ -26,6 +36,7 @@ def init_queue(size: int, dim: int) -> QueueState:
         labels=jnp.full((size,), -1, jnp.int32),
         ids=jnp.full((size,), -1, jnp.int32),
         pointer=jnp.zeros((), jnp.int32),
+        by_label=jnp.arange(size, dtype=jnp.int32),  # all empty: any order is sorted
     )
 
 
@@ -42,12 +53,48 @@ def push(queue: QueueState, embeddings: jax.Array, labels: jax.Array, ids: jax.A
     num_valid = jnp.sum(valid)
     keep = valid & (rank >= num_valid - size)
     slot = jnp.where(keep, (queue.pointer + rank) % size, size)  # `size` = out of range: dropped
+    new_labels = queue.labels.at[slot].set(labels.astype(jnp.int32), mode="drop")
+    by_label = None if queue.by_label is None else merge_by_label(
+        queue.by_label, queue.labels, slot, labels.astype(jnp.int32))
     return QueueState(
         embeddings=queue.embeddings.at[slot].set(embeddings.astype(queue.embeddings.dtype), mode="drop"),
-        labels=queue.labels.at[slot].set(labels.astype(jnp.int32), mode="drop"),
+        labels=new_labels,
         ids=queue.ids.at[slot].set(ids.astype(jnp.int32), mode="drop"),
         pointer=((queue.pointer + num_valid) % size).astype(jnp.int32),
+        by_label=by_label,
     )
+
+
+def merge_by_label(by_label: jax.Array, old_labels: jax.Array, slot: jax.Array, labels: jax.Array) -> jax.Array:
+    """The label order after overwriting ``slot`` (``[B]``, ``C`` = not written) with
+    ``labels``: the untouched entries keep their order and the new ones are merged in.
+
+    O(C + B log C) with static shapes (a few passes over C, no search per entry),
+    against O(C log C) for sorting again. Each new entry's position is its rank among
+    the new ones plus the untouched entries with a key <= its own; the untouched
+    entries fill the remaining positions in their order. Within a label, untouched
+    entries come first; sampling draws a uniform position in the label's segment, so
+    any order within a label serves.
+    """
+    size = by_label.shape[0]
+    written = jnp.zeros((size,), bool).at[slot].set(True, mode="drop")
+    stays = ~written[by_label]  # [C], in label order
+    stays_upto = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(stays, dtype=jnp.int32)])
+    # The new entries, sorted by key; rows that write nothing go last (their rank
+    # among the rows is after every written row's, and their label empty).
+    live = slot < size
+    num_live = jnp.sum(live, dtype=jnp.int32)
+    row = jnp.where(live, jnp.cumsum(live, dtype=jnp.int32) - 1, num_live + jnp.cumsum(~live, dtype=jnp.int32) - 1)
+    new_key, new_row = sort_by_label(jnp.where(live, labels, -1), row)
+    new_slot = jnp.zeros_like(slot).at[row].set(slot)[new_row]
+    old_keys = label_keys(old_labels)[by_label]
+    new_pos = jnp.arange(slot.shape[0], dtype=jnp.int32) + stays_upto[
+        jnp.searchsorted(old_keys, new_key, side="right")]
+    new_pos = jnp.where(new_row < num_live, new_pos, size)
+    taken = jnp.zeros((size,), bool).at[new_pos].set(True, mode="drop")
+    in_order = jnp.zeros((size,), jnp.int32).at[jnp.where(stays, stays_upto[:-1], size)].set(by_label, mode="drop")
+    free_rank = jnp.cumsum(~taken, dtype=jnp.int32) - 1  # the i-th free position takes the i-th untouched entry
+    return in_order[jnp.maximum(free_rank, 0)].at[new_pos].set(new_slot, mode="drop")
 
 
 def fill_fraction(queue: QueueState) -> jax.Array:
@@ -113,26 +160,34 @@ def pseudo_labels(queue: QueueState, queries: jax.Array, k: int, num_classes: in
 POSITIVE_TRIES = 64
 
 
-def sort_by_label(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Queue slots ordered by label (empty slots last), as (sorted label keys, slots).
+def sort_by_label(labels: jax.Array, payload: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(label keys, payload)`` ordered by label then payload, empty (``-1``) labels
+    last with key ``EMPTY_KEY``; the payload (default: the slots ``0..n-1``) must lie
+    in ``[0, n)``.
 
-    When the labels fit, label and slot are packed into one int32 and sorted as a
+    When the labels fit, label and payload are packed into one int32 and sorted as a
     single key (XLA sorts one operand several times faster than key + payload);
-    otherwise a key-payload sort. Both give the same order (ties by slot).
+    otherwise a two-key sort. Both give the same order.
     """
     size = labels.shape[0]
+    payload = jnp.arange(size, dtype=jnp.int32) if payload is None else payload.astype(jnp.int32)
     bits = max(1, int(size - 1).bit_length())
     empty = (1 << (31 - bits)) - 1  # the largest label key that packs
-    slots = jnp.arange(size, dtype=jnp.int32)
 
     def packed(_):
-        key = jnp.sort((jnp.where(labels >= 0, labels, empty) << bits) | slots)
-        return key >> bits, key & ((1 << bits) - 1)
+        key = jnp.sort((jnp.where(labels >= 0, labels, empty) << bits) | payload)
+        label = key >> bits
+        return jnp.where(label == empty, EMPTY_KEY, label), key & ((1 << bits) - 1)
 
     def general(_):
-        return jax.lax.sort((jnp.where(labels >= 0, labels, jnp.iinfo(jnp.int32).max), slots), num_keys=1)
+        return jax.lax.sort((label_keys(labels), payload), num_keys=2)
 
     return jax.lax.cond(jnp.max(labels) < empty, packed, general, None)
+
+
+def indexed(queue: QueueState) -> QueueState:
+    """``queue`` with its label order computed from scratch (for a queue built by hand)."""
+    return queue._replace(by_label=sort_by_label(queue.labels)[1])
 
 
 def sample_positives(key: jax.Array, queue: QueueState, labels: jax.Array, ids: jax.Array,
@@ -140,28 +195,32 @@ def sample_positives(key: jax.Array, queue: QueueState, labels: jax.Array, ids: 
     """Draws M queue entries per image, uniformly with replacement, among entries
     with the image's (pseudo-)label and another image's id.
 
-    The queue is sorted once by label, so each label is one segment (found by
-    ``searchsorted``); a draw is a uniform position in the image's segment,
-    redrawn while it lands on one of the image's own entries (rejection: exactly
-    uniform over the eligible entries). O(C log C + n M) with no ``[n, C]`` matrix.
+    In the queue's label order (``by_label``, kept sorted by ``push``) each label is
+    one segment, found by ``searchsorted``; a draw is a uniform position in the
+    image's segment, redrawn while it lands on one of the image's own entries
+    (rejection: exactly uniform over the eligible entries). O(C + n M log C) with no
+    ``[n, C]`` matrix and no sort (O(C log C) for a queue without ``by_label``).
     Returns embeddings ``[n, M, D]`` and a validity mask ``[n, M]``: False where the
     image has no label or no eligible entry (and, with probability
     (own / segment)^64, for a draw whose every try hit an own entry). Keys are
     folded with the global image index, so draws do not depend on the device layout.
     """
-    sorted_label, slot = sort_by_label(queue.labels)
+    if queue.by_label is None:
+        sorted_label, order = sort_by_label(queue.labels)
+    else:
+        order = queue.by_label
+        sorted_label = label_keys(queue.labels[order])
     start = jnp.searchsorted(sorted_label, labels, side="left").astype(jnp.int32)
     count = jnp.searchsorted(sorted_label, labels, side="right").astype(jnp.int32) - start
     count = jnp.where(labels >= 0, count, 0)
-    ids_in_order = queue.ids[slot]
 
     def draw(idx: jax.Array, n: jax.Array) -> jax.Array:
         return jax.random.randint(jax.random.fold_in(key, idx), (num_positives, POSITIVE_TRIES), 0,
                                   jnp.maximum(n, 1))
 
-    tries = start[:, None, None] + jax.vmap(draw)(global_index, count)  # [n, M, T] positions
-    ok = (ids_in_order[tries] != ids[:, None, None]) & (count > 0)[:, None, None]
+    tries = order[start[:, None, None] + jax.vmap(draw)(global_index, count)]  # [n, M, T] slots
+    ok = (queue.ids[tries] != ids[:, None, None]) & (count > 0)[:, None, None]
     first = jnp.argmax(ok, axis=-1)  # the first accepted try
-    chosen = slot[jnp.take_along_axis(tries, first[..., None], axis=-1)[..., 0]]
+    chosen = jnp.take_along_axis(tries, first[..., None], axis=-1)[..., 0]
     valid = jnp.take_along_axis(ok, first[..., None], axis=-1)[..., 0]
     return queue.embeddings[chosen], valid

@@ -132,3 +132,64 @@ def test_semantic_positives_on_a_random_queue_match_brute_force_eligibility():
             counts = np.bincount(picked[i], minlength=size)[eligible]
             expected = m / len(eligible)
             assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected) + 2), (i, counts)
+
+
+def test_push_keeps_the_label_order_sorted():
+    """After any sequence of pushes (padding, empty-label rows, wrap-around, blocks
+    larger than the queue) ``by_label`` is a permutation of the slots that sorts the
+    labels, empty slots last: what sampling relies on instead of sorting."""
+    rng = np.random.default_rng(3)
+    for size, block in [(7, 3), (16, 40), (50, 8), (300, 64)]:
+        state = q.init_queue(size, 1)
+        push = jax.jit(q.push)
+        for _ in range(25):
+            labels = rng.integers(-1, 6, block)
+            state = push(state, jnp.zeros((block, 1)), jnp.asarray(labels), jnp.arange(block),
+                         jnp.asarray(rng.random(block) < 0.7))
+            order = np.asarray(state.by_label)
+            np.testing.assert_array_equal(np.sort(order), np.arange(size))
+            keys = np.asarray(state.labels)[order].astype(np.int64)
+            keys[keys < 0] = 2**31
+            assert np.all(np.diff(keys) >= 0), keys
+
+
+def test_semantic_positives_from_a_pushed_queue_match_brute_force_eligibility():
+    """The same uniformity and exclusion as above on a queue filled by many pushes
+    (its label order maintained by merging, not sorted afresh)."""
+    rng = np.random.default_rng(4)
+    size, n, m = 240, 30, 400
+    state = q.init_queue(size, size)
+    push = jax.jit(q.push)
+    for step in range(12):  # 12 blocks of 32 into 240 slots: wraps around
+        slots = (np.arange(32) + 32 * step) % size
+        state = push(state, jnp.eye(size, dtype=jnp.float32)[slots], jnp.asarray(rng.integers(0, 5, 32)),
+                     jnp.asarray(rng.integers(0, 50, 32)), jnp.ones(32, bool))
+    labels, ids = np.asarray(state.labels), np.asarray(state.ids)
+    want = rng.integers(-1, 6, n)
+    own = rng.integers(0, 50, n)
+    pos, valid = q.sample_positives(jax.random.key(5), state, jnp.asarray(want, jnp.int32),
+                                    jnp.asarray(own, jnp.int32), jnp.arange(n), m)
+    picked = np.argmax(np.asarray(pos), axis=-1)
+    for i in range(n):
+        eligible = np.flatnonzero((labels == want[i]) & (want[i] >= 0) & (ids != own[i]))
+        assert bool(np.asarray(valid)[i].all()) == (len(eligible) > 0)
+        if len(eligible):
+            assert set(picked[i]) <= set(eligible.tolist())
+            counts = np.bincount(picked[i], minlength=size)[eligible]
+            expected = m / len(eligible)
+            assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected) + 2), (i, counts)
+
+
+def test_maintained_and_fresh_label_orders_draw_alike():
+    """``indexed`` (sorted afresh) and no order at all give the same draws exactly."""
+    rng = np.random.default_rng(6)
+    size = 64
+    state = q.QueueState(embeddings=jnp.eye(size, dtype=jnp.float32),
+                         labels=jnp.asarray(rng.integers(-1, 4, size), jnp.int32),
+                         ids=jnp.asarray(rng.integers(0, 20, size), jnp.int32), pointer=jnp.zeros((), jnp.int32))
+    args = (jnp.asarray(rng.integers(-1, 4, 16), jnp.int32), jnp.asarray(rng.integers(0, 20, 16), jnp.int32),
+            jnp.arange(16), 8)
+    a = q.sample_positives(jax.random.key(7), state, *args)
+    b = q.sample_positives(jax.random.key(7), q.indexed(state), *args)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
