@@ -12,25 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 from synthetic_batch import random_batch
+from timing import seconds_per_call
 
 from experiments import tiny
 from semppl_jax import losses, update_step
 from semppl_jax import queue as pl_queue
-
-
-def _time(fn, *args, iters: int) -> float:
-    out = fn(*args)
-    jax.block_until_ready(out)
-    t = time.perf_counter()
-    for _ in range(iters):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t) / iters
 
 
 def bare_step(config, num_classes):
@@ -74,7 +64,7 @@ def step_times(name, config, iters) -> list[dict]:
             holder["s"], m = fn(holder["s"], b)
             return m
 
-        secs = _time(loop, batch, iters=iters)
+        secs = seconds_per_call(loop, batch, iters=iters)
         rows.append(dict(setting=name, what=label, sec_per_step=secs,
                          images_per_sec=config.training.batch_size / secs))
     from jax.sharding import PartitionSpec as P
@@ -82,7 +72,7 @@ def step_times(name, config, iters) -> list[dict]:
     bare = jax.jit(jax.shard_map(bare_step(config, 10), mesh=mesh, in_specs=(P(), P("data")), out_specs=P(),
                                  check_vma=False))
     state = update_step.replicate(init, mesh)
-    secs = _time(bare, state, batch, iters=iters)
+    secs = seconds_per_call(bare, state, batch, iters=iters)
     rows.append(dict(setting=name, what="bare online+target fwd/bwd", sec_per_step=secs,
                      images_per_sec=config.training.batch_size / secs))
     return rows
@@ -104,7 +94,7 @@ def knn_costs(iters, per_replica_batch=256, views=4, dim=256, classes=1000, m=3)
             return pl_queue.sample_positives(jax.random.key(2), q, labels, jnp.arange(per_replica_batch) + size,
                                              jnp.arange(per_replica_batch), m)
 
-        rows.append(dict(queue_size=size, sec=_time(f, q, queries, iters=iters)))
+        rows.append(dict(queue_size=size, sec=seconds_per_call(f, q, queries, iters=iters)))
     return rows
 
 

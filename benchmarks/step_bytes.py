@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from synthetic_batch import random_batch
+from timing import seconds_per_call
 
 from experiments import imagenet
 from semppl_jax import losses, optim, update_step
@@ -87,13 +87,8 @@ def analyse(fn, state, batch) -> dict:
                 temp_bytes=int(mem.temp_size_in_bytes) if mem is not None else None)
 
 
-def _time(fn, *args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    t = time.perf_counter()
-    for _ in range(iters):
-        r = fn(*args)
-    jax.block_until_ready(r)
-    return 1e3 * (time.perf_counter() - t) / iters
+def _ms(fn, *args, iters: int) -> float:
+    return 1e3 * seconds_per_call(fn, *args, iters=iters)
 
 
 def queue_timing(size=204_800, n=64, m=3, dim=256, classes=1000, views=4, block=16_384, labelled=0.1,
@@ -114,11 +109,11 @@ def queue_timing(size=204_800, n=64, m=3, dim=256, classes=1000, views=4, block=
             jax.random.randint(jax.random.key(5), (block,), 0, classes), jnp.arange(block),
             jax.random.uniform(jax.random.key(6), (block,)) < labelled)
     push = jax.jit(pl_queue.push)
-    return dict(sample_positives_ms=_time(sample, q, labels, iters=iters),
-                sample_positives_sorting_ms=_time(sample, q._replace(by_label=None), labels, iters=iters),
-                knn_k1_ms=_time(knn1, q, queries, iters=iters),
-                push_merge_ms=_time(push, q, *rows, iters=iters),
-                push_without_order_ms=_time(push, q._replace(by_label=None), *rows, iters=iters))
+    return dict(sample_positives_ms=_ms(sample, q, labels, iters=iters),
+                sample_positives_sorting_ms=_ms(sample, q._replace(by_label=None), labels, iters=iters),
+                knn_k1_ms=_ms(knn1, q, queries, iters=iters),
+                push_merge_ms=_ms(push, q, *rows, iters=iters),
+                push_without_order_ms=_ms(push, q._replace(by_label=None), *rows, iters=iters))
 
 
 def main() -> None:

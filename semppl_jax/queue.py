@@ -21,7 +21,7 @@ class QueueState(NamedTuple):
     ids: jax.Array  # [C] int32, the image each entry came from
     pointer: jax.Array  # [] int32, next slot to write (FIFO)
     # [C] int32: the slots ordered by label, empty slots last. ``push`` keeps it sorted
-    # by merging (O(C + B log B) a step), so sampling never sorts the queue. None (a
+    # by merging (O(C + B log C) a step), so sampling never sorts the queue. None (a
     # queue built by hand) makes ``sample_positives`` sort the labels itself.
     by_label: jax.Array | None = None
 
@@ -53,12 +53,11 @@ def push(queue: QueueState, embeddings: jax.Array, labels: jax.Array, ids: jax.A
     num_valid = jnp.sum(valid)
     keep = valid & (rank >= num_valid - size)
     slot = jnp.where(keep, (queue.pointer + rank) % size, size)  # `size` = out of range: dropped
-    new_labels = queue.labels.at[slot].set(labels.astype(jnp.int32), mode="drop")
-    by_label = None if queue.by_label is None else merge_by_label(
-        queue.by_label, queue.labels, slot, labels.astype(jnp.int32))
+    labels = labels.astype(jnp.int32)
+    by_label = None if queue.by_label is None else merge_by_label(queue.by_label, queue.labels, slot, labels)
     return QueueState(
         embeddings=queue.embeddings.at[slot].set(embeddings.astype(queue.embeddings.dtype), mode="drop"),
-        labels=new_labels,
+        labels=queue.labels.at[slot].set(labels, mode="drop"),
         ids=queue.ids.at[slot].set(ids.astype(jnp.int32), mode="drop"),
         pointer=((queue.pointer + num_valid) % size).astype(jnp.int32),
         by_label=by_label,

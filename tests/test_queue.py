@@ -109,6 +109,21 @@ def test_semantic_positives_are_uniform_over_eligible_entries():
     np.testing.assert_allclose(counts[:3] / 3000, [1 / 3] * 3, atol=0.04)
 
 
+def _assert_uniform_over_eligible(pos, valid, labels, ids, want, own, m):
+    """Brute force: each image's draws land only on entries with its label and another
+    id, each such entry about m / (number eligible) times; valid iff one exists."""
+    size = len(labels)
+    picked = np.argmax(np.asarray(pos), axis=-1)  # one-hot embeddings -> entry index
+    for i in range(len(want)):
+        eligible = np.flatnonzero((labels == want[i]) & (want[i] >= 0) & (ids != own[i]))
+        assert bool(np.asarray(valid)[i].all()) == (len(eligible) > 0)
+        if len(eligible):
+            assert set(picked[i]) <= set(eligible.tolist())
+            counts = np.bincount(picked[i], minlength=size)[eligible]
+            expected = m / len(eligible)
+            assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected) + 2), (i, counts)
+
+
 def test_semantic_positives_on_a_random_queue_match_brute_force_eligibility():
     """Many labels, repeated ids (an image's several views), empty slots: every draw is
     eligible, every eligible entry is drawn about equally often, validity is exact."""
@@ -123,15 +138,7 @@ def test_semantic_positives_on_a_random_queue_match_brute_force_eligibility():
     own = rng.integers(0, 60, n)
     pos, valid = q.sample_positives(jax.random.key(2), state, jnp.asarray(want, jnp.int32),
                                     jnp.asarray(own, jnp.int32), jnp.arange(n), m)
-    picked = np.argmax(np.asarray(pos), axis=-1)  # one-hot embeddings -> entry index
-    for i in range(n):
-        eligible = np.flatnonzero((labels == want[i]) & (want[i] >= 0) & (ids != own[i]))
-        assert bool(np.asarray(valid)[i].all()) == (len(eligible) > 0)
-        if len(eligible):
-            assert set(picked[i]) <= set(eligible.tolist())
-            counts = np.bincount(picked[i], minlength=size)[eligible]
-            expected = m / len(eligible)
-            assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected) + 2), (i, counts)
+    _assert_uniform_over_eligible(pos, valid, labels, ids, want, own, m)
 
 
 def test_push_keeps_the_label_order_sorted():
@@ -169,18 +176,10 @@ def test_semantic_positives_from_a_pushed_queue_match_brute_force_eligibility():
     own = rng.integers(0, 50, n)
     pos, valid = q.sample_positives(jax.random.key(5), state, jnp.asarray(want, jnp.int32),
                                     jnp.asarray(own, jnp.int32), jnp.arange(n), m)
-    picked = np.argmax(np.asarray(pos), axis=-1)
-    for i in range(n):
-        eligible = np.flatnonzero((labels == want[i]) & (want[i] >= 0) & (ids != own[i]))
-        assert bool(np.asarray(valid)[i].all()) == (len(eligible) > 0)
-        if len(eligible):
-            assert set(picked[i]) <= set(eligible.tolist())
-            counts = np.bincount(picked[i], minlength=size)[eligible]
-            expected = m / len(eligible)
-            assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected) + 2), (i, counts)
+    _assert_uniform_over_eligible(pos, valid, labels, ids, want, own, m)
 
 
-def test_maintained_and_fresh_label_orders_draw_alike():
+def test_sorted_order_and_no_order_draw_alike():
     """``indexed`` (sorted afresh) and no order at all give the same draws exactly."""
     rng = np.random.default_rng(6)
     size = 64
