@@ -126,15 +126,16 @@ def _stat(vals: list[float]) -> str:
     """mean ± standard error (sample std / sqrt(n)) and n."""
     if not vals:
         return "–"
-    se = np.std(vals, ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else float("nan")
-    return f"{np.mean(vals):.1f} ± {se:.1f} (n={len(vals)})"
+    if len(vals) == 1:  # no spread to report
+        return f"{vals[0]:.1f} (n=1)"
+    return f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1) / np.sqrt(len(vals)):.1f} (n={len(vals)})"
 
 
 def _paired(diffs: list[float]) -> str:
     if not diffs:
         return "–"
-    se = np.std(diffs, ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-    return f"{np.mean(diffs):+.1f} ± {se:.1f} (SemPPL ahead in {sum(d > 0 for d in diffs)} of {len(diffs)})"
+    spread = f" ± {np.std(diffs, ddof=1) / np.sqrt(len(diffs)):.1f}" if len(diffs) > 1 else ""
+    return f"{np.mean(diffs):+.1f}{spread} (SemPPL ahead in {sum(d > 0 for d in diffs)} of {len(diffs)})"
 
 
 def write_report(results: list[dict], workdir: str) -> str:

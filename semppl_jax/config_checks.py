@@ -80,7 +80,10 @@ def validate(config: Any, num_devices: int, num_processes: int = 1, num_train: i
     _require(m.depth in RESNET_SPECS, "model.depth", f"{m.depth!r} is not one of {sorted(RESNET_SPECS)}")
     _require(m.get("remat", "none") in REMAT_POLICIES, "model.remat",
              f"{m.get('remat')!r} is not one of {sorted(REMAT_POLICIES)}")
-    _require(m.width_multiplier >= 1, "model.width_multiplier", f"must be >= 1, got {m.width_multiplier}")
+    spec = RESNET_SPECS[m.depth]
+    widths = [c * m.width_multiplier for c in (spec.stem_channels, *spec.channels_per_group)]
+    _require(all(w >= 1 and w == int(w) for w in widths), "model.width_multiplier",
+             f"{m.width_multiplier} must give whole channel counts; {m.depth} would get {widths}")
     if m.sk_ratio > 0:
         _require(RESNET_SPECS[m.depth].bottleneck, "model.sk_ratio",
                  f"selective kernels need a bottleneck ResNet (50+), not {m.depth!r}")

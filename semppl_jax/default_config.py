@@ -57,13 +57,16 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     c.model = ml_collections.ConfigDict(dict(
-        depth="resnet50", width_multiplier=1, resnet_v2=False,
+        depth="resnet50", width_multiplier=1.0, resnet_v2=False,  # 2.0 is SimCLR's 2x
         sk_ratio=0.0,  # 0.0625 gives SimCLRv2's selective kernels
         bn_decay=0.9,  # BYOL's BN EMA decay
         projector_hidden_size=4096, predictor_hidden_size=4096, projection_size=256,
         # Rematerialisation per ResNet block (jax.checkpoint): 'none', 'block' (keep block
         # inputs, recompute the rest: least memory) or 'block_save_convs' (keep conv outputs).
         remat="none",
+        # ResNet's 3x3/2 max pool after the stem; off keeps twice the resolution in every
+        # group, for small images (a 28-pixel digit reaches group 0 at 7x7 with it).
+        stem_max_pool=True,
     ))
 
     c.semppl = ml_collections.ConfigDict(dict(

@@ -35,7 +35,7 @@ class ResNetSpec:
 # the released ResNet-18 checkpoint has (block_group_0/~/block_0/~/shortcut_conv).
 RESNET_SPECS: Mapping[str, ResNetSpec] = {
     "tiny": ResNetSpec((1, 1, 1, 1), (8, 8, 8, 8), bottleneck=False),
-    # Not a released architecture: a ResNet-10 for the CPU demo on 32-pixel digits.
+    # Not a released architecture: a ResNet-10 for the CPU demo on 28-pixel digits.
     "small": ResNetSpec((1, 1, 1, 1), (32, 64, 128, 256), bottleneck=False, stem_channels=32),
     "resnet18": ResNetSpec((2, 2, 2, 2), (64, 128, 256, 512), bottleneck=False),
     "resnet34": ResNetSpec((3, 4, 6, 3), (64, 128, 256, 512), bottleneck=False),
@@ -199,17 +199,28 @@ class BlockGroup(hk.Module):
         return x
 
 
+def scaled_channels(channels: int, width_multiplier: float) -> int:
+    """``channels * width_multiplier``, which must be a whole number: 2 doubles every layer
+    (SimCLR's 2x), 0.5 halves it (a narrower net for small images)."""
+    scaled = channels * width_multiplier
+    if scaled < 1 or scaled != int(scaled):
+        raise ValueError(f"model.width_multiplier={width_multiplier} gives {scaled:g} channels for a "
+                         f"{channels}-channel layer; choose a multiplier that gives whole channel counts")
+    return int(scaled)
+
+
 class ResNet(hk.Module):
     """ResNet encoder returning the globally pooled embedding (no classifier)."""
 
-    def __init__(self, spec: ResNetSpec, width_multiplier: int = 1, resnet_v2: bool = False,
+    def __init__(self, spec: ResNetSpec, width_multiplier: float = 1, resnet_v2: bool = False,
                  sk_ratio: float = 0.0, bn_config: Mapping[str, Any] | None = None, remat: str = "none",
-                 name: str | None = None):
+                 stem_max_pool: bool = True, name: str | None = None):
         super().__init__(name=name)
+        self._stem_max_pool = stem_max_pool
         bn_config = dict(BN_DEFAULTS if bn_config is None else bn_config)
         self._v2 = resnet_v2
         self._sk = sk_ratio > 0
-        stem = spec.stem_channels * width_multiplier
+        stem = scaled_channels(spec.stem_channels, width_multiplier)
         if self._sk:
             # SimCLRv2's deep stem (three 3x3 convs) for its selective-kernel nets.
             self.stem = [
@@ -224,7 +235,7 @@ class ResNet(hk.Module):
             self.stem = [(hk.Conv2D(stem, 7, 2, with_bias=False, padding="SAME", name="initial_conv"),
                           _bn("initial_batchnorm", bn_config))]
         self.groups = [
-            BlockGroup(c * width_multiplier, n, 1 if i == 0 else 2, spec.bottleneck, bn_config,
+            BlockGroup(scaled_channels(c, width_multiplier), n, 1 if i == 0 else 2, spec.bottleneck, bn_config,
                        resnet_v2, sk_ratio, remat, name=f"block_group_{i}")
             for i, (c, n) in enumerate(zip(spec.channels_per_group, spec.blocks_per_group))
         ]
@@ -237,7 +248,8 @@ class ResNet(hk.Module):
             # v2 keeps the stem's last conv un-normalised: blocks pre-activate.
             if not (self._v2 and i == len(self.stem) - 1):
                 x = jax.nn.relu(bn(x, is_training))
-        x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding="SAME")
+        if self._stem_max_pool:
+            x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding="SAME")
         for group in self.groups:
             x = group(x, is_training)
         if self._v2:
@@ -262,12 +274,12 @@ class MLP(hk.Module):
         return hk.Linear(self._output, with_bias=False)(x)
 
 
-def make_encoder(depth: str, width_multiplier: int, resnet_v2: bool, sk_ratio: float,
-                 bn_config: Mapping[str, Any], remat: str = "none") -> ResNet:
+def make_encoder(depth: str, width_multiplier: float, resnet_v2: bool, sk_ratio: float,
+                 bn_config: Mapping[str, Any], remat: str = "none", stem_max_pool: bool = True) -> ResNet:
     if depth not in RESNET_SPECS:
         raise ValueError(f"model.depth={depth!r} is not one of {sorted(RESNET_SPECS)}")
     return ResNet(RESNET_SPECS[depth], width_multiplier, resnet_v2, sk_ratio, bn_config, remat,
-                  name=MODULE_NAMES[depth])
+                  stem_max_pool, name=MODULE_NAMES[depth])
 
 
 def set_compute_dtype(compute_dtype: str) -> None:
@@ -304,7 +316,7 @@ def make_network(model_config: Any, num_classes: int, cross_replica_axis: str | 
         set_compute_dtype(compute_dtype)  # at trace time: Haiku reads policies when modules run
         encoder = make_encoder(model_config.depth, model_config.width_multiplier,
                                model_config.resnet_v2, model_config.sk_ratio, bn_config,
-                               model_config.get("remat", "none"))
+                               model_config.get("remat", "none"), model_config.get("stem_max_pool", True))
         projector = MLP(model_config.projector_hidden_size, model_config.projection_size, bn_config,
                         name="projector")
         predictor = MLP(model_config.predictor_hidden_size, model_config.projection_size, bn_config,

@@ -24,6 +24,7 @@ METRIC_KEYS = {"step", "loss", "pseudo_label_accuracy", "semantic_positive_fract
     ("semppl.knn_k", 500, "semppl.knn_k"),
     ("semppl.num_negatives", 32, "semppl.num_negatives"),
     ("model.depth", "resnet7", "model.depth"),
+    ("model.width_multiplier", 0.3, r"model.width_multiplier: 0.3 must give whole channel counts"),
     ("training.compute_dtype", "float16", "training.compute_dtype"),
 ])
 def test_bad_values_stop_at_start_naming_the_field(field, value, match):

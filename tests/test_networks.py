@@ -17,9 +17,9 @@ ARCHS = {"TinyResNet_1x": ("tiny", 1), "ResNet18_1x": ("resnet18", 1), "ResNet50
          "ResNet50_2x": ("resnet50", 2), "ResNet200_2x": ("resnet200", 2)}
 
 
-def model_config(depth, width=1, v2=False, sk=0.0, hidden=4096, proj=256):
+def model_config(depth, width=1, v2=False, sk=0.0, hidden=4096, proj=256, pool=True):
     return ml_collections.ConfigDict(dict(depth=depth, width_multiplier=width, resnet_v2=v2, sk_ratio=sk,
-                                          bn_decay=0.9, projector_hidden_size=hidden,
+                                          stem_max_pool=pool, bn_decay=0.9, projector_hidden_size=hidden,
                                           predictor_hidden_size=hidden, projection_size=proj))
 
 
@@ -45,6 +45,47 @@ def test_every_depth_and_width_builds(depth):
         embed = params[f"{networks.MODULE_NAMES[depth]}/~/initial_conv"]["w"].shape[-1]
         assert embed == 64 * width
         assert params["projector/linear"]["w"].shape[0] == networks.RESNET_SPECS[depth].channels_per_group[-1] * width
+
+
+def test_fractional_width_halves_every_layer():
+    full, _ = shapes("small", 1, hidden=32, proj=16)
+    half, _ = shapes("small", 0.5, hidden=32, proj=16)
+    assert full.keys() == half.keys()
+    for module in full:
+        for name, w in full[module].items():
+            if module.startswith("small_res_net") and name == "w":  # conv kernels: in and out halved
+                cin = w.shape[-2] if w.shape[-2] == 3 else w.shape[-2] // 2
+                assert half[module][name].shape == w.shape[:-2] + (cin, w.shape[-1] // 2), module
+    with pytest.raises(ValueError, match="whole channel counts"):
+        shapes("small", 0.3, hidden=32, proj=16)
+
+
+def test_stem_max_pool_off_keeps_resolution_and_parameters():
+    """Same parameters either way (names and shapes cannot tell the two apart, so the
+    checkpoint's signature records the flag); without the pool group 0 sees 14x14, not
+    7x7, from a 28-pixel image."""
+    x = jax.random.normal(jax.random.key(1), (2, 28, 28, 3))
+    group_inputs = {}
+
+    def record(pool):
+        def interceptor(method, args, kwargs, context):
+            if isinstance(context.module, networks.BlockGroup) and context.method_name == "__call__":
+                group_inputs.setdefault(pool, []).append(args[0].shape[1:3])
+            return method(*args, **kwargs)
+        return interceptor
+
+    net = {}
+    for pool in (True, False):
+        net[pool] = networks.make_network(model_config("small", hidden=32, proj=16, pool=pool), 10, None)
+        with hk.intercept_methods(record(pool)):
+            jax.eval_shape(lambda pool=pool: net[pool].init(jax.random.key(0), x, True))
+    assert group_inputs[True] == [(7, 7), (7, 7), (4, 4), (2, 2)]
+    assert group_inputs[False] == [(14, 14), (14, 14), (7, 7), (4, 4)]
+    params, state = net[True].init(jax.random.key(0), x, True)
+    assert jax.tree.map(jnp.shape, net[False].init(jax.random.key(0), x, True)) == jax.tree.map(
+        jnp.shape, (params, state))
+    out = {p: net[p].apply(params, state, None, x, False)[0]["embedding"] for p in (True, False)}
+    assert not np.allclose(out[True], out[False])
 
 
 def _forward(depth, **kw):
