@@ -38,18 +38,18 @@ def one_run(workdir: str, method: str, fraction: str, seed: int, steps: int | No
     from semppl_jax import config_checks, jobs
     from semppl_jax.metric_writers import read_jsonl, write_json_atomic
 
+    config = mnist5k.get_config(fraction)
+    config.seed = seed
+    config.dataset.label_seed = seed
+    config.training.eval_every_steps = None
+    if steps:
+        config.training.num_steps = steps
+    config_checks.apply_overrides(config, list(overrides))
     done = os.path.join(workdir, "result.json")
     if os.path.exists(done):
         with open(done) as f:
             out = json.load(f)
     else:
-        config = mnist5k.get_config(fraction)
-        config.seed = seed
-        config.dataset.label_seed = seed
-        config.training.eval_every_steps = None
-        if steps:
-            config.training.num_steps = steps
-        config_checks.apply_overrides(config, list(overrides))
         curve = []
         pretrain_dir = os.path.join(workdir, "pretrain")
         if method == "alpha0":
@@ -60,21 +60,22 @@ def one_run(workdir: str, method: str, fraction: str, seed: int, steps: int | No
         if method == "semppl":
             curve = [(r["step"], r["pseudo_label_accuracy"]) for r in read_jsonl(
                 os.path.join(pretrain_dir, "metrics.jsonl"))]
-        result = jobs.evaluate(eval_config("finetune", method, fraction, seed, pretrain_dir),
+        result = jobs.evaluate(eval_config("finetune", method, fraction, seed, pretrain_dir, config.model),
                                os.path.join(workdir, "finetune"))
         out = dict(method=method, fraction=float(fraction), seed=seed, top1=result["top1"], top5=result["top5"],
                    pseudo_label_curve=curve, pretrain_dir=None if method == "supervised" else pretrain_dir)
         write_json_atomic(done, out)
     if method != "supervised" and "knn_top1" not in out:  # also added to runs made before it existed
         result = jobs.evaluate(eval_config("knn", method, fraction, seed,
-                                           out.get("pretrain_dir") or os.path.join(workdir, "pretrain")),
+                                           out.get("pretrain_dir") or os.path.join(workdir, "pretrain"), config.model),
                                os.path.join(workdir, "knn"))
         out["knn_top1"] = result["top1"]
         write_json_atomic(done, out)
     if method == "supervised" and "pixel_knn_top1" not in out:  # the baseline needing no training
         from semppl_jax import evaluation
 
-        out["pixel_knn_top1"] = evaluation.pixel_knn(eval_config("knn", method, fraction, seed, workdir))["top1"]
+        knn = eval_config("knn", method, fraction, seed, workdir, config.model)
+        out["pixel_knn_top1"] = evaluation.pixel_knn(knn)["top1"]
         write_json_atomic(done, out)
     return out
 
@@ -101,11 +102,14 @@ def alpha0_twin(workdir: str, seed: int, config) -> str | None:
     return None
 
 
-def eval_config(protocol: str, method: str, fraction: str, seed: int, pretrain_dir: str):
-    """Fine-tune (or k-NN) config for one run; supervised = the same recipe from scratch, longer."""
+def eval_config(protocol: str, method: str, fraction: str, seed: int, pretrain_dir: str, model=None):
+    """Fine-tune (or k-NN) config for one run; supervised = the same recipe from scratch, longer.
+    ``model``: the pretraining config's (with its ``--set`` overrides); the preset's if None."""
     from experiments import eval as eval_presets
 
     config = eval_presets.get_config(f"{protocol},mnist5k,{fraction}")
+    if model is not None:
+        config.model = model
     config.seed = seed
     config.dataset.label_seed = seed
     config.eval.checkpoint = "scratch" if method == "supervised" else pretrain_dir

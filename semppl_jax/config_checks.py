@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from semppl_jax.networks import REMAT_POLICIES, RESNET_SPECS
+from semppl_jax.networks import REMAT_POLICIES, RESNET_SPECS, scaled_channels
 
 
 class ConfigError(ValueError):
@@ -81,9 +81,11 @@ def validate(config: Any, num_devices: int, num_processes: int = 1, num_train: i
     _require(m.get("remat", "none") in REMAT_POLICIES, "model.remat",
              f"{m.get('remat')!r} is not one of {sorted(REMAT_POLICIES)}")
     spec = RESNET_SPECS[m.depth]
-    widths = [c * m.width_multiplier for c in (spec.stem_channels, *spec.channels_per_group)]
-    _require(all(w >= 1 and w == int(w) for w in widths), "model.width_multiplier",
-             f"{m.width_multiplier} must give whole channel counts; {m.depth} would get {widths}")
+    try:  # the network's own rule, checked at start rather than when it is built
+        for channels in (spec.stem_channels, *spec.channels_per_group):
+            scaled_channels(channels, m.width_multiplier)
+    except ValueError as e:
+        _require(False, "model.width_multiplier", str(e))
     if m.sk_ratio > 0:
         _require(RESNET_SPECS[m.depth].bottleneck, "model.sk_ratio",
                  f"selective kernels need a bottleneck ResNet (50+), not {m.depth!r}")

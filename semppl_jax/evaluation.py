@@ -45,8 +45,7 @@ def make_classifier(model_cfg: Any, num_classes: int, axis_name: str | None,
 
     def forward(images: jax.Array, is_training: bool, frozen: bool = False):
         networks.set_compute_dtype(compute_dtype)
-        encoder = networks.make_encoder(model_cfg.depth, model_cfg.width_multiplier, model_cfg.resnet_v2,
-                                        model_cfg.sk_ratio, bn, stem_max_pool=model_cfg.get("stem_max_pool", True))
+        encoder = networks.encoder_from_config(model_cfg, bn)
         emb = encoder(images, is_training and not frozen)
         if frozen:
             emb = jax.lax.stop_gradient(emb)

@@ -204,8 +204,8 @@ def scaled_channels(channels: int, width_multiplier: float) -> int:
     (SimCLR's 2x), 0.5 halves it (a narrower net for small images)."""
     scaled = channels * width_multiplier
     if scaled < 1 or scaled != int(scaled):
-        raise ValueError(f"model.width_multiplier={width_multiplier} gives {scaled:g} channels for a "
-                         f"{channels}-channel layer; choose a multiplier that gives whole channel counts")
+        raise ValueError(f"{width_multiplier} must give whole channel counts; a {channels}-channel layer "
+                         f"would get {scaled:g}")
     return int(scaled)
 
 
@@ -282,6 +282,12 @@ def make_encoder(depth: str, width_multiplier: float, resnet_v2: bool, sk_ratio:
                   stem_max_pool, name=MODULE_NAMES[depth])
 
 
+def encoder_from_config(model_config: Any, bn_config: Mapping[str, Any], remat: str = "none") -> ResNet:
+    """The encoder a ``model`` config describes (pretraining and evaluation build the same one)."""
+    return make_encoder(model_config.depth, model_config.width_multiplier, model_config.resnet_v2,
+                        model_config.sk_ratio, bn_config, remat, model_config.get("stem_max_pool", True))
+
+
 def set_compute_dtype(compute_dtype: str) -> None:
     """Mixed precision via Haiku's per-class policies: convolutions and linears
     compute in ``compute_dtype`` with float32 parameters; BatchNorm (statistics
@@ -314,9 +320,7 @@ def make_network(model_config: Any, num_classes: int, cross_replica_axis: str | 
     def forward(images: jax.Array, is_training: bool,
                 heads: Sequence[str] = ("projection", "prediction", "logits")) -> dict[str, jax.Array]:
         set_compute_dtype(compute_dtype)  # at trace time: Haiku reads policies when modules run
-        encoder = make_encoder(model_config.depth, model_config.width_multiplier,
-                               model_config.resnet_v2, model_config.sk_ratio, bn_config,
-                               model_config.get("remat", "none"), model_config.get("stem_max_pool", True))
+        encoder = encoder_from_config(model_config, bn_config, model_config.get("remat", "none"))
         projector = MLP(model_config.projector_hidden_size, model_config.projection_size, bn_config,
                         name="projector")
         predictor = MLP(model_config.predictor_hidden_size, model_config.projection_size, bn_config,
