@@ -136,6 +136,19 @@ def gaussian_blur(key: jax.Array, x: jax.Array, kernel_size: int, sigma_min: flo
     return xw[0]
 
 
+def rotate(x: jax.Array, angle: jax.Array) -> jax.Array:
+    """``x`` [H, W, C] turned counter-clockwise by ``angle`` (radians) about its centre:
+    bilinear, black (0) where the source falls outside. Shape-preserving, so it runs on
+    device after the tf.data crop; at a right angle it equals ``jnp.rot90``."""
+    h, w = x.shape[:2]
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    dy, dx = jnp.meshgrid(jnp.arange(h, dtype=x.dtype) - cy, jnp.arange(w, dtype=x.dtype) - cx, indexing="ij")
+    cos, sin = jnp.cos(angle).astype(x.dtype), jnp.sin(angle).astype(x.dtype)
+    src = [cos * dy + sin * dx + cy, cos * dx - sin * dy + cx]  # where each output pixel reads from
+    sample = lambda ch: jax.scipy.ndimage.map_coordinates(ch, src, order=1, mode="constant", cval=0.0)  # noqa: E731
+    return jax.vmap(sample, in_axes=2, out_axes=2)(x)
+
+
 def solarize(x: jax.Array, threshold: float = 0.5) -> jax.Array:
     return jnp.where(x < threshold, x, 1.0 - x)
 
@@ -144,6 +157,9 @@ def augment_image(key: jax.Array, x: jax.Array, blur_p: jax.Array, solarize_p: j
                   cfg: Any) -> jax.Array:
     """One image [H, W, 3] in [0, 1] -> augmented, normalised with ImageNet statistics."""
     k_flip, k_jit, k_jit_p, k_gray, k_blur, k_blur_p, k_sol = jax.random.split(key, 7)
+    if cfg.get("rotation_degrees", 0.0):  # folded, not split: the other draws stay as they were without it
+        degrees = jax.random.uniform(jax.random.fold_in(key, 7), (), minval=-1.0, maxval=1.0) * cfg.rotation_degrees
+        x = rotate(x, jnp.deg2rad(degrees))
     if cfg.get("flip", True):
         x = jnp.where(jax.random.uniform(k_flip) < 0.5, x[:, ::-1], x)
     jittered = color_jitter(k_jit, x, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)

@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.augment = ml_collections.ConfigDict(dict(
         flip=True, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, color_jitter_prob=0.8,
         grayscale_prob=0.2, blur_prob=(1.0, 0.1), solarize_prob=(0.0, 0.2),
+        # Not in BYOL: a random turn of up to this many degrees either way (uniform), on
+        # device before the colour ops, black outside the source. 0 builds nothing.
+        rotation_degrees=0.0,
     ))
 
     c.model = ml_collections.ConfigDict(dict(

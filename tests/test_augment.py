@@ -99,3 +99,49 @@ def test_augment_views_probabilities():
         jnp.abs(x[..., 1] - x[..., 2]) < 1e-4, axis=(-1, -2))
     frac_gray = np.asarray(jnp.mean(gray, axis=1))
     np.testing.assert_allclose(frac_gray, 0.2, atol=0.03)
+
+
+def _bilinear_rotation_loop(x: np.ndarray, angle: float) -> np.ndarray:
+    """Independent reference: for each output pixel, its source point by hand (a
+    counter-clockwise turn about the centre), bilinear weights, black outside."""
+    h, w, _ = x.shape
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    out = np.zeros_like(x)
+    for i in range(h):
+        for j in range(w):
+            y = np.cos(angle) * (i - cy) + np.sin(angle) * (j - cx) + cy
+            xx = -np.sin(angle) * (i - cy) + np.cos(angle) * (j - cx) + cx
+            y0, x0 = int(np.floor(y)), int(np.floor(xx))
+            for yi, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+                for xi, wx in ((x0, 1 - (xx - x0)), (x0 + 1, xx - x0)):
+                    if 0 <= yi < h and 0 <= xi < w:
+                        out[i, j] += wy * wx * x[yi, xi]
+    return out
+
+
+@pytest.mark.parametrize("size", [7, 8])
+def test_rotate_right_angle_is_rot90_and_small_angle_matches_loop(size):
+    x = np.random.default_rng(size).uniform(size=(size, size, 3)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(augment.rotate(jnp.asarray(x), jnp.float32(np.pi / 2))),
+                               np.rot90(x, 1, axes=(0, 1)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(augment.rotate(jnp.asarray(x), jnp.float32(0.0))), x, atol=1e-6)
+    angle = np.deg2rad(17.0)
+    np.testing.assert_allclose(np.asarray(augment.rotate(jnp.asarray(x), jnp.float32(angle))),
+                               _bilinear_rotation_loop(x.astype(np.float64), angle), atol=1e-5)
+
+
+def test_rotation_leaves_the_other_draws_unchanged():
+    """The rotation's key is folded in, so turning it on changes nothing but the turn:
+    augmenting with rotation equals rotating first and augmenting without."""
+    fields = dict(flip=True, brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0, color_jitter_prob=0.8,
+                  grayscale_prob=0.2)
+    plain = ml_collections.ConfigDict(fields)
+    turned = ml_collections.ConfigDict(dict(fields, rotation_degrees=30.0))
+    x = _images(1)[0]
+    for seed in range(4):
+        key = jax.random.key(seed)
+        degrees = jax.random.uniform(jax.random.fold_in(key, 7), (), minval=-1.0, maxval=1.0) * 30.0
+        assert 0.1 < abs(float(degrees)) <= 30.0
+        expected = augment.augment_image(key, augment.rotate(x, jnp.deg2rad(degrees)), 1.0, 0.0, plain)
+        np.testing.assert_allclose(np.asarray(augment.augment_image(key, x, 1.0, 0.0, turned)),
+                                   np.asarray(expected), atol=1e-6)

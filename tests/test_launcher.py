@@ -26,6 +26,7 @@ METRIC_KEYS = {"step", "loss", "pseudo_label_accuracy", "semantic_positive_fract
     ("model.depth", "resnet7", "model.depth"),
     ("model.width_multiplier", 0.3, r"model.width_multiplier: 0.3 must give whole channel counts"),
     ("training.compute_dtype", "float16", "training.compute_dtype"),
+    ("augment.rotation_degrees", -5.0, r"augment.rotation_degrees: must be in \[0, 180\]"),
 ])
 def test_bad_values_stop_at_start_naming_the_field(field, value, match):
     config = tiny.get_config()
