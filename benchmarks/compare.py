@@ -60,21 +60,21 @@ def one_run(workdir: str, method: str, fraction: str, seed: int, steps: int | No
         if method == "semppl":
             curve = [(r["step"], r["pseudo_label_accuracy"]) for r in read_jsonl(
                 os.path.join(pretrain_dir, "metrics.jsonl"))]
-        result = jobs.evaluate(eval_config("finetune", method, fraction, seed, pretrain_dir, config.model),
+        result = jobs.evaluate(eval_config("finetune", method, fraction, config, pretrain_dir),
                                os.path.join(workdir, "finetune"))
         out = dict(method=method, fraction=float(fraction), seed=seed, top1=result["top1"], top5=result["top5"],
                    pseudo_label_curve=curve, pretrain_dir=None if method == "supervised" else pretrain_dir)
         write_json_atomic(done, out)
     if method != "supervised" and "knn_top1" not in out:  # also added to runs made before it existed
-        result = jobs.evaluate(eval_config("knn", method, fraction, seed,
-                                           out.get("pretrain_dir") or os.path.join(workdir, "pretrain"), config.model),
+        result = jobs.evaluate(eval_config("knn", method, fraction, config,
+                                           out.get("pretrain_dir") or os.path.join(workdir, "pretrain")),
                                os.path.join(workdir, "knn"))
         out["knn_top1"] = result["top1"]
         write_json_atomic(done, out)
     if method == "supervised" and "pixel_knn_top1" not in out:  # the baseline needing no training
         from semppl_jax import evaluation
 
-        knn = eval_config("knn", method, fraction, seed, workdir, config.model)
+        knn = eval_config("knn", method, fraction, config, workdir)
         out["pixel_knn_top1"] = evaluation.pixel_knn(knn)["top1"]
         write_json_atomic(done, out)
     return out
@@ -102,17 +102,13 @@ def alpha0_twin(workdir: str, seed: int, config) -> str | None:
     return None
 
 
-def eval_config(protocol: str, method: str, fraction: str, seed: int, pretrain_dir: str, model=None):
-    """Fine-tune (or k-NN) config for one run; supervised = the same recipe from scratch, longer.
-    ``model``: the pretraining config's (with its ``--set`` overrides); the preset's if None."""
+def eval_config(protocol: str, method: str, fraction: str, pretrain_config, pretrain_dir: str):
+    """Fine-tune (or k-NN) config for one run, with the pretraining config's model (its
+    ``--set`` overrides included) and seeds; supervised = the same recipe from scratch, longer."""
     from experiments import eval as eval_presets
 
-    config = eval_presets.get_config(f"{protocol},mnist5k,{fraction}")
-    if model is not None:
-        config.model = model
-    config.seed = seed
-    config.dataset.label_seed = seed
-    config.eval.checkpoint = "scratch" if method == "supervised" else pretrain_dir
+    config = eval_presets.for_pretraining(protocol, f"mnist5k,{fraction}", pretrain_config,
+                                          "scratch" if method == "supervised" else pretrain_dir)
     if method == "supervised":  # from scratch needs more epochs than fine-tuning
         config.eval.num_epochs *= 3
         config.eval.base_lr *= 4

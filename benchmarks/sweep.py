@@ -77,10 +77,7 @@ def one_run(run_dir: str, fraction: str, seed: int, alpha0: bool, overrides: lis
                pseudo_label_accuracy=float(np.mean([r["pseudo_label_accuracy"] for r in last])),
                knn_curve=[(r["step"], r["knn_top1"]) for r in records if "knn_top1" in r])
     for other in knn_fractions:
-        knn = eval_presets.get_config(f"knn,mnist5k,{other}")
-        knn.model = config.model
-        knn.seed = knn.dataset.label_seed = seed
-        knn.eval.checkpoint = os.path.join(run_dir, "pretrain")
+        knn = eval_presets.for_pretraining("knn", f"mnist5k,{other}", config, os.path.join(run_dir, "pretrain"))
         out[f"knn_top1_at_{other}"] = jobs.evaluate(knn, os.path.join(run_dir, f"knn_{other}"))["top1"]
     write_json_atomic(os.path.join(run_dir, "result.json"), out)
     return out

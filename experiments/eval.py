@@ -9,6 +9,7 @@ e.g. ``eval.py:finetune,imagenet,resnet50,1pct`` or ``eval.py:knn,mnist5k,0.1``.
 Point ``--config.eval.checkpoint`` at a workdir or a ``pretrain.pkl``.
 """
 
+import copy
 import importlib
 
 PROTOCOLS = ("finetune", "linear", "knn")
@@ -36,4 +37,16 @@ def get_config(arg: str | None = "finetune,tiny"):
     elif preset == "mnist5k":
         e.update(dict(batch_size=128, base_lr=0.05 if protocol == "finetune" else 0.4, num_epochs=30.0
                       if protocol == "finetune" else 10.0, crop_scale=(0.5, 1.0), flip=False))
+    return c
+
+
+def for_pretraining(protocol: str, preset: str, pretrain_config, checkpoint: str):
+    """``protocol``'s config for one pretraining run: that run's network (overrides
+    included) and seed, and its labelled subset's seed; ``preset`` names the data and
+    label fraction, e.g. ``mnist5k,0.01`` (an alpha=0 encoder can be read at any fraction)."""
+    c = get_config(f"{protocol},{preset}")
+    c.model = copy.deepcopy(pretrain_config.model)
+    c.seed = pretrain_config.seed
+    c.dataset.label_seed = pretrain_config.dataset.label_seed
+    c.eval.checkpoint = checkpoint
     return c

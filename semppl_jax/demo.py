@@ -76,9 +76,7 @@ def run(workdir: str, fraction: str = "0.1", steps: int | None = None, seed: int
 
     results = {}
     for protocol in ("finetune", "knn"):
-        eval_config = eval_presets.get_config(f"{protocol},mnist5k,{fraction}")
-        eval_config.seed = seed
-        eval_config.eval.checkpoint = pretrain_dir
+        eval_config = eval_presets.for_pretraining(protocol, f"mnist5k,{fraction}", config, pretrain_dir)
         results[protocol] = launcher.evaluate(eval_config, os.path.join(workdir, protocol))
     from semppl_jax import evaluation
 

@@ -59,3 +59,23 @@ def test_finished_runs_collects_every_result_in_the_workdir(tmp_path):
     (tmp_path / "alpha0_0.1_seed0").mkdir()  # unfinished: no result.json
     (tmp_path / "notes").mkdir()
     assert sorted(compare.finished_runs(str(tmp_path)), key=lambda r: r["seed"]) == [runs[1], runs[0]]
+
+
+def test_evaluation_configs_follow_their_pretraining_run():
+    """One helper builds every evaluation of a pretraining run (demo, compare, sweep):
+    the run's network with its overrides, its seeds, the evaluated fraction's subset."""
+    from experiments import eval as eval_presets
+
+    pre = mnist5k.get_config("0.1")
+    config_checks.apply_overrides(pre, ["model.width_multiplier=1.0", "model.stem_max_pool=false"])
+    pre.seed = pre.dataset.label_seed = 3
+    knn = eval_presets.for_pretraining("knn", "mnist5k,0.01", pre, "/runs/a/pretrain")
+    assert knn.model.to_dict() == pre.model.to_dict()
+    assert (knn.seed, knn.dataset.label_seed, knn.dataset.label_subset) == (3, 3, "0.01")
+    assert (knn.eval.protocol, knn.eval.checkpoint, knn.eval.knn_k) == ("knn", "/runs/a/pretrain", 20)
+    knn.model.width_multiplier = 0.5  # a copy: the pretraining config is not touched
+    assert pre.model.width_multiplier == 1.0
+    fine = compare.eval_config("finetune", "semppl", "0.1", pre, "/runs/a/pretrain")
+    scratch = compare.eval_config("finetune", "supervised", "0.1", pre, "/runs/a/pretrain")
+    assert (fine.eval.checkpoint, scratch.eval.checkpoint) == ("/runs/a/pretrain", "scratch")
+    assert scratch.eval.num_epochs == 3 * fine.eval.num_epochs and scratch.eval.base_lr == 4 * fine.eval.base_lr
