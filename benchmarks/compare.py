@@ -9,6 +9,12 @@ over training).
 
     python benchmarks/compare.py --workdir=workdir_compare [--fractions=0.01,0.1 --seeds=0,1,2 --steps=N]
 
+A SemPPL variant is a workdir of its own, paired by seed with the recipe's runs:
+
+    python benchmarks/compare.py --workdir=workdir_m1 --fractions=0.01 --methods=semppl \
+        --set=semppl.num_positives=1
+    python benchmarks/compare.py --workdir=workdir_compare --report_only --variants=workdir_m1,...
+
 Each SemPPL/ablation run takes minutes on 2 CPU cores; runs already finished in
 WORKDIR are reused, so an interrupted comparison continues where it stopped, and
 the report covers every finished run in WORKDIR (add seeds with a second call).
@@ -28,6 +34,10 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (the labelled subset
 _STEPS = flags.DEFINE_integer("steps", None, "Pretraining steps (default: the demo preset's).")
 _METHODS = flags.DEFINE_list("methods", ["semppl", "alpha0", "supervised"], "Which of the three to run.")
 _SET = flags.DEFINE_list("set", [], "Overrides of the pretraining config, e.g. semppl.knn_k=5,semppl.num_positives=1.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", [], "Workdirs of SemPPL variants (each made with --methods=semppl --set=...): their runs are "
+    "paired by seed with this workdir's SemPPL and alpha = 0 runs in WORKDIR/variants.md.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Run nothing; report the finished runs.")
 
 METHODS = ("semppl", "alpha0", "supervised")
 
@@ -131,11 +141,33 @@ def _stat(vals: list[float]) -> str:
     return f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1) / np.sqrt(len(vals)):.1f} (n={len(vals)})"
 
 
-def _paired(diffs: list[float]) -> str:
+def _paired(diffs: list[float], who: str = "SemPPL") -> str:
     if not diffs:
         return "–"
     spread = f" ± {np.std(diffs, ddof=1) / np.sqrt(len(diffs)):.1f}" if len(diffs) > 1 else ""
-    return f"{np.mean(diffs):+.1f}{spread} (SemPPL ahead in {sum(d > 0 for d in diffs)} of {len(diffs)})"
+    return f"{np.mean(diffs):+.1f}{spread} ({who} ahead in {sum(d > 0 for d in diffs)} of {len(diffs)})"
+
+
+def variant_report(base: list[dict], variants: dict[str, list[dict]]) -> str:
+    """Each variant's SemPPL runs against the recipe's SemPPL and alpha = 0 runs of the
+    same seed and fraction (same labelled subset, same initialisation), in points."""
+    def by_seed(results, method, frac, key):
+        return {r["seed"]: 100 * r[key] for r in results
+                if r["method"] == method and r["fraction"] == frac and key in r}
+
+    lines = ["| variant | labels | k-NN top-1 | k-NN: variant − SemPPL | k-NN: variant − alpha = 0 | "
+             "fine-tune top-1 | fine-tune: variant − SemPPL |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, results in variants.items():
+        for frac in sorted({r["fraction"] for r in results}):
+            row = [name, f"{100 * frac:g}%"]
+            for key, others in (("knn_top1", ("semppl", "alpha0")), ("top1", ("semppl",))):
+                mine = by_seed(results, "semppl", frac, key)
+                row.append(_stat(list(mine.values())))
+                for other in others:
+                    theirs = by_seed(base, other, frac, key)
+                    row.append(_paired([mine[s] - theirs[s] for s in sorted(mine) if s in theirs], "variant"))
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def write_report(results: list[dict], workdir: str) -> str:
@@ -224,13 +256,19 @@ def main(argv) -> None:
     unknown = set(_METHODS.value) - set(METHODS)
     if unknown:
         raise app.UsageError(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
-    for seed in map(int, _SEEDS.value):  # seeds outermost: a partial run covers every fraction
-        for fraction in _FRACTIONS.value:
+    for seed in [] if _REPORT_ONLY.value else map(int, _SEEDS.value):  # seeds outermost: partial runs cover
+        for fraction in _FRACTIONS.value:                                 # every fraction
             for method in (m for m in METHODS if m in _METHODS.value):
                 run_dir = os.path.join(_WORKDIR.value, f"{method}_{fraction}_seed{seed}")
                 one_run(run_dir, method, fraction, seed, _STEPS.value, _SET.value)
                 write_report(finished_runs(_WORKDIR.value), _WORKDIR.value)  # partial tables as runs finish
     print(write_report(finished_runs(_WORKDIR.value), _WORKDIR.value))
+    if _VARIANTS.value:
+        text = variant_report(finished_runs(_WORKDIR.value),
+                              {os.path.basename(os.path.normpath(d)): finished_runs(d) for d in _VARIANTS.value})
+        with open(os.path.join(_WORKDIR.value, "variants.md"), "w") as f:
+            f.write(text + "\n")
+        print("\nSemPPL variants, paired by seed with this workdir's runs:\n\n" + text)
 
 
 def finished_runs(workdir: str) -> list[dict]:

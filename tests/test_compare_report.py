@@ -79,3 +79,13 @@ def test_evaluation_configs_follow_their_pretraining_run():
     scratch = compare.eval_config("finetune", "supervised", "0.1", pre, "/runs/a/pretrain")
     assert (fine.eval.checkpoint, scratch.eval.checkpoint) == ("/runs/a/pretrain", "scratch")
     assert scratch.eval.num_epochs == 3 * fine.eval.num_epochs and scratch.eval.base_lr == 4 * fine.eval.base_lr
+
+
+def test_variant_report_pairs_each_variant_with_the_recipe_by_seed():
+    base = [_result("semppl", 0, 0.90, knn=0.80), _result("semppl", 1, 0.80, knn=0.60),
+            _result("alpha0", 0, 0.88, knn=0.70), _result("alpha0", 1, 0.84, knn=0.70)]
+    variant = [_result("semppl", 0, 0.91, knn=0.82), _result("semppl", 1, 0.79, knn=0.66),
+               _result("semppl", 2, 0.85, knn=0.90)]  # seed 2 has no partner: in the mean, not in a pair
+    row = compare.variant_report(base, {"m1": variant}).splitlines()[2]
+    assert row == ("| m1 | 10% | 79.3 ± 7.1 (n=3) | +4.0 ± 2.0 (variant ahead in 2 of 2) | "
+                   "+4.0 ± 8.0 (variant ahead in 1 of 2) | 85.0 ± 3.5 (n=3) | +0.0 ± 1.0 (variant ahead in 1 of 2) |")
