@@ -90,6 +90,20 @@ def one_run(workdir: str, method: str, fraction: str, seed: int, steps: int | No
     return out
 
 
+# Fields in which two alpha = 0 pretrainings of one seed may differ and still train the same
+# encoder: the labelled subset and the queue it sizes (neither reaches the encoder at alpha = 0),
+# and how often the online k-NN evaluation runs (it changes nothing in training).
+TWIN_FREE_FIELDS = (("dataset", "label_subset"), ("semppl", "queue_size"), ("training", "eval_every_steps"))
+
+
+def _encoder_defining(config_dict: dict) -> dict:
+    """A pretraining config as saved (JSON), less the fields that do not change an alpha = 0 encoder."""
+    d = json.loads(json.dumps(config_dict))
+    for section, field in TWIN_FREE_FIELDS:
+        d[section].pop(field, None)
+    return d
+
+
 def alpha0_twin(workdir: str, seed: int, config) -> str | None:
     """An alpha=0 pretraining of the same seed at another label fraction, if finished.
 
@@ -103,10 +117,7 @@ def alpha0_twin(workdir: str, seed: int, config) -> str | None:
         if (name.startswith("alpha0_") and name.endswith(f"_seed{seed}") and other != os.path.join(workdir, "pretrain")
                 and os.path.exists(os.path.join(other, "train_summary.json"))):
             with open(os.path.join(other, "config.json")) as f:
-                done = json.load(f)
-            same = (done["training"]["num_steps"] == config.training.num_steps and done["seed"] == config.seed
-                    and done["model"] == config.model.to_dict() and done["views"] == json.loads(
-                        json.dumps(config.views.to_dict())))
+                same = _encoder_defining(json.load(f)) == _encoder_defining(config.to_dict())
             if same:
                 return other
     return None

@@ -89,3 +89,27 @@ def test_variant_report_pairs_each_variant_with_the_recipe_by_seed():
     row = compare.variant_report(base, {"m1": variant}).splitlines()[2]
     assert row == ("| m1 | 10% | 79.3 ± 7.1 (n=3) | +4.0 ± 2.0 (variant ahead in 2 of 2) | "
                    "+4.0 ± 8.0 (variant ahead in 1 of 2) | 85.0 ± 3.5 (n=3) | +0.0 ± 1.0 (variant ahead in 1 of 2) |")
+
+
+def test_alpha0_twin_is_reused_only_for_the_same_pretraining(tmp_path):
+    """An alpha = 0 encoder pretrained at one label fraction serves another only when every
+    field that can change it is equal (an augmentation change included)."""
+    from semppl_jax.metric_writers import write_json_atomic
+
+    def config(fraction, *overrides):
+        c = mnist5k.get_config(fraction)
+        c.seed = c.dataset.label_seed = 1
+        c.semppl.alpha = 0.0
+        config_checks.apply_overrides(c, list(overrides))
+        return c
+
+    done = tmp_path / "alpha0_0.01_seed1" / "pretrain"
+    done.mkdir(parents=True)
+    write_json_atomic(str(done / "config.json"), config("0.01").to_dict())
+    write_json_atomic(str(done / "train_summary.json"), {"step": 1})
+    here = str(tmp_path / "alpha0_0.1_seed1")
+    assert compare.alpha0_twin(here, 1, config("0.1")) == str(done)
+    assert compare.alpha0_twin(here, 1, config("0.1", "training.eval_every_steps=100")) == str(done)
+    assert compare.alpha0_twin(here, 1, config("0.1", "augment.rotation_degrees=0")) is None
+    assert compare.alpha0_twin(here, 1, config("0.1", "optim.base_lr=2")) is None
+    assert compare.alpha0_twin(here, 2, config("0.1")) is None
