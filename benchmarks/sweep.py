@@ -39,15 +39,14 @@ _KNN_FRACTIONS = flags.DEFINE_list(
 
 
 def pixel_knn(fraction: str, seed: int) -> float:
-    """k-NN top-1 (k=20, T=0.07, cosine) on raw pixels: the baseline that needs no training."""
-    from semppl_jax import datasets, evaluation
+    """k-NN top-1 (k=20, T=0.07, cosine) on raw pixels: the baseline that needs no training,
+    computed as the demo and compare.py compute it (``evaluation.pixel_knn``)."""
+    from experiments import eval as eval_presets
+    from semppl_jax import evaluation
 
-    train_x, train_y = datasets.mnist5k_arrays("train")
-    test_x, test_y = datasets.mnist5k_arrays("test")
-    mask = datasets.stratified_subset(train_y, float(fraction), seed)
-    flat = lambda x: x[..., 0].reshape(len(x), -1).astype(np.float32) / 255.0  # noqa: E731
-    scores = evaluation.knn_classify(flat(train_x[mask]), train_y[mask], flat(test_x), 10)
-    return evaluation.topk_accuracy(scores, test_y)[0]
+    config = eval_presets.get_config(f"knn,mnist5k,{fraction}")
+    config.dataset.label_seed = seed
+    return evaluation.pixel_knn(config)["top1"]
 
 
 def one_run(run_dir: str, fraction: str, seed: int, alpha0: bool, overrides: list[str],
