@@ -136,11 +136,20 @@ def eval_config(protocol: str, method: str, fraction: str, pretrain_config, pret
     return config
 
 
+def by_seed(results: list[dict], method: str, fraction: float, key: str) -> dict[int, float]:
+    """``key`` of each finished ``method`` run at ``fraction``, in points, by seed."""
+    return {r["seed"]: 100 * r[key] for r in results
+            if r["method"] == method and r["fraction"] == fraction and key in r}
+
+
+def _differences(mine: dict[int, float], theirs: dict[int, float]) -> list[float]:
+    """``mine - theirs`` for each seed both ran (same labelled subset, same initialisation)."""
+    return [mine[s] - theirs[s] for s in sorted(mine) if s in theirs]
+
+
 def paired_differences(results: list[dict], fraction: float, other: str, key: str = "top1") -> list[float]:
-    """SemPPL's ``key`` (fine-tuned top-1 by default) minus ``other``'s, in points, for each
-    seed both ran (same seed: same labelled subset, same initialisation)."""
-    top1 = {(r["method"], r["seed"]): 100 * r[key] for r in results if r["fraction"] == fraction and key in r}
-    return [top1[("semppl", s)] - top1[(other, s)] for (m, s) in sorted(top1) if m == "semppl" and (other, s) in top1]
+    """SemPPL's ``key`` (fine-tuned top-1 by default) minus ``other``'s, in points, seed by seed."""
+    return _differences(by_seed(results, "semppl", fraction, key), by_seed(results, other, fraction, key))
 
 
 def _stat(vals: list[float]) -> str:
@@ -162,10 +171,6 @@ def _paired(diffs: list[float], who: str = "SemPPL") -> str:
 def variant_report(base: list[dict], variants: dict[str, list[dict]]) -> str:
     """Each variant's SemPPL runs against the recipe's SemPPL and alpha = 0 runs of the
     same seed and fraction (same labelled subset, same initialisation), in points."""
-    def by_seed(results, method, frac, key):
-        return {r["seed"]: 100 * r[key] for r in results
-                if r["method"] == method and r["fraction"] == frac and key in r}
-
     lines = ["| variant | labels | k-NN top-1 | k-NN: variant − SemPPL | k-NN: variant − alpha = 0 | "
              "fine-tune top-1 | fine-tune: variant − SemPPL |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, results in variants.items():
@@ -175,8 +180,7 @@ def variant_report(base: list[dict], variants: dict[str, list[dict]]) -> str:
                 mine = by_seed(results, "semppl", frac, key)
                 row.append(_stat(list(mine.values())))
                 for other in others:
-                    theirs = by_seed(base, other, frac, key)
-                    row.append(_paired([mine[s] - theirs[s] for s in sorted(mine) if s in theirs], "variant"))
+                    row.append(_paired(_differences(mine, by_seed(base, other, frac, key)), "variant"))
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -190,7 +194,7 @@ def write_report(results: list[dict], workdir: str) -> str:
     fractions = sorted({r["fraction"] for r in results})
 
     def values(frac, method, key):
-        return [100 * r[key] for r in results if r["fraction"] == frac and r["method"] == method and key in r]
+        return list(by_seed(results, method, frac, key).values())
 
     lines = ["Fine-tuned top-1 (%):", "",
              "| labels | SemPPL | alpha = 0 (ReLICv2-style) | supervised from scratch |", "| --- | --- | --- | --- |"]
@@ -209,9 +213,7 @@ def write_report(results: list[dict], workdir: str) -> str:
     for frac in fractions:
         row = [f"{100 * frac:g}%"] + [_stat(values(frac, m, "knn_top1")) for m in METHODS[:2]]
         # The pixel baseline depends only on the seed's labelled subset: once per seed.
-        pixel = {r["seed"]: 100 * r["pixel_knn_top1"] for r in results
-                 if r["fraction"] == frac and "pixel_knn_top1" in r}
-        row.append(_stat(list(pixel.values())))
+        row.append(_stat(list(by_seed(results, "supervised", frac, "pixel_knn_top1").values())))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Differences paired by seed (same labelled subset, same initialisation):", "",
               "| labels | fine-tune: SemPPL − alpha = 0 | fine-tune: SemPPL − supervised | k-NN: SemPPL − alpha = 0 |",
@@ -267,8 +269,9 @@ def main(argv) -> None:
     unknown = set(_METHODS.value) - set(METHODS)
     if unknown:
         raise app.UsageError(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
-    for seed in [] if _REPORT_ONLY.value else map(int, _SEEDS.value):  # seeds outermost: partial runs cover
-        for fraction in _FRACTIONS.value:                                 # every fraction
+    seeds = [] if _REPORT_ONLY.value else [int(s) for s in _SEEDS.value]
+    for seed in seeds:  # seeds outermost: an interrupted comparison covers every fraction
+        for fraction in _FRACTIONS.value:
             for method in (m for m in METHODS if m in _METHODS.value):
                 run_dir = os.path.join(_WORKDIR.value, f"{method}_{fraction}_seed{seed}")
                 one_run(run_dir, method, fraction, seed, _STEPS.value, _SET.value)
