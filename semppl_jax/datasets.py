@@ -32,6 +32,7 @@ class Source:
     labels: np.ndarray | None = None  # all true labels, when cheap to know up front
     file_names: np.ndarray | None = None
     skipped: tuple[str, ...] = ()  # files left out because they could not be decoded
+    lost_records: int = 0  # records the split's metadata lists but that could not be read
 
 
 def _array_source(images: np.ndarray, labels: np.ndarray, num_classes: int, prefix: str) -> Source:
@@ -124,34 +125,53 @@ def _tfds_source(name: str, split: str, data_dir: str | None, validate_images: b
         name_key = "image/filename"
     else:
         builder = tfds.builder(name, data_dir=data_dir)
-        try:
-            ds = builder.as_dataset(split=split, shuffle_files=False,
-                                    decoders={"image": tfds.decode.SkipDecoding()})
+        try:  # TFDS's cardinality assertion would re-raise forever under ignore_errors (below)
+            ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
+                                    read_config=tfds.ReadConfig(assert_cardinality=False))
         except AssertionError as e:  # TFDS's way of saying "not prepared"
             raise FileNotFoundError(
                 f"TFDS dataset {name!r} is not prepared under data_dir={data_dir!r}; prepare it with "
                 f"`tfds build {name} --data_dir=...` (ImageNet needs its tarballs in the manual dir).") from e
         name_key = "file_name" if "file_name" in builder.info.features else None
     info = builder.info
-    num_classes = info.features["label"].num_classes
     try:  # also resolves sliced splits such as 'train[10000:]'
-        num_examples = info.splits[split].num_examples
+        listed = info.splits[split].num_examples
     except (KeyError, ValueError):
-        num_examples = 0
-    if not num_examples:  # split metadata unknown (e.g. mocked data): count once
-        num_examples = int(ds.reduce(0, lambda n, _: n + 1).numpy())
+        listed = 0  # split metadata unknown (e.g. mocked data)
 
     def convert(index, ex):
         file_name = ex[name_key] if name_key else tf.strings.as_string(index)
         return dict(image=ex["image"], true_label=tf.cast(ex["label"], tf.int32),
                     image_id=tf.cast(index, tf.int32), file_name=file_name)
 
-    # A corrupt record (e.g. a truncated TFRecord shard) is dropped with a warning, not fatal.
+    # A corrupt record ends the reading of its TFRecord shard with a warning instead of the run;
+    # the other shards are read. The records that remain are then counted (one pass over labels
+    # and names, no image decoded; the labelled subset needs that pass anyway), because every
+    # process's share, the labelled mask and the evaluation's padding follow from the count.
     ds = ds.ignore_errors(log_warning=True).enumerate().map(convert, num_parallel_calls=tf.data.AUTOTUNE)
-    source = Source(ds, num_examples, num_classes, encoded=True)
+    labels, names = _labels_and_names(ds)
+    if not len(labels):
+        raise ValueError(f"dataset {name!r}, split {split!r}: no record could be read")
+    lost = max(0, listed - len(labels))
+    if lost:
+        from absl import logging
+
+        logging.warning("dataset %r, split %r: %d of its %d records could not be read (a corrupt TFRecord "
+                        "shard?) and are left out; using the %d that could", name, split, lost, listed, len(labels))
+    source = Source(ds, len(labels), info.features["label"].num_classes, encoded=True, labels=labels,
+                    file_names=names, lost_records=lost)
     if validate_images if validate_images is not None else name.startswith("folder:"):
         source = _drop_undecodable(source)
     return source
+
+
+def _labels_and_names(ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and file names of every readable record, in ``image_id`` order (images not decoded)."""
+    labels, names = [np.zeros(0, np.int32)], [np.zeros(0, object)]
+    for batch in ds.map(lambda ex: (ex["true_label"], ex["file_name"])).batch(4096).as_numpy_iterator():
+        labels.append(batch[0])
+        names.append(batch[1])
+    return np.concatenate(labels), np.concatenate(names)
 
 
 def _drop_undecodable(source: Source) -> Source:
@@ -172,7 +192,7 @@ def _drop_undecodable(source: Source) -> Source:
         good[ids] = True
     if good.all():
         return source
-    names = _collect(source, "file_name")
+    names = source.file_names if source.file_names is not None else _collect(source, "file_name")
     skipped = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names[~good])
     for name in skipped:
         logging.warning("skipping an image that cannot be decoded: %s", name)
@@ -182,7 +202,8 @@ def _drop_undecodable(source: Source) -> Source:
     ds = source.dataset.filter(lambda ex: tf.gather(keep, ex["image_id"])).enumerate()
     ds = ds.map(lambda i, ex: dict(ex, image_id=tf.cast(i, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
     labels = None if source.labels is None else source.labels[good]
-    return Source(ds, int(good.sum()), source.num_classes, source.encoded, labels, names[good], skipped)
+    return dataclasses.replace(source, dataset=ds, num_examples=int(good.sum()), labels=labels,
+                               file_names=names[good], skipped=skipped)
 
 
 # ----------------------------------------------------------------------------- label subsets
@@ -263,10 +284,17 @@ def labelled_mask(source: Source, spec: str, seed: int, cache_dir: str | None = 
     names = np.array([n.decode() if isinstance(n, bytes) else str(n) for n in names])
     base = np.array([os.path.basename(n) for n in names])
     mask = np.isin(base, np.array(sorted(wanted)))
-    matched = int(mask.sum())
-    if matched != len(wanted):
-        raise ValueError(f"label_subset {path!r}: {matched} of its {len(wanted)} file names match an "
-                         f"image of the split ({len(names)} images); the list does not fit this dataset.")
+    missing = len(wanted) - int(mask.sum())
+    unreadable = source.lost_records + len(source.skipped)
+    if missing > unreadable:
+        raise ValueError(f"label_subset {path!r}: {len(wanted) - missing} of its {len(wanted)} file names match "
+                         f"an image of the split ({len(names)} images); the list does not fit this dataset.")
+    if missing:  # they can be among the images that could not be read: degrade, do not stop
+        from absl import logging
+
+        logging.warning("label_subset %r: %d of its %d images are not in the split, which has %d unreadable "
+                        "images; training with the %d labelled images found", path, missing, len(wanted),
+                        unreadable, len(wanted) - missing)
     return mask
 
 

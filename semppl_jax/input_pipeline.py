@@ -184,11 +184,13 @@ def eval_dataset(source: Source, config: Any, local_batch: int, process_index: i
     ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Pad to a whole number of batches, identical on every process (static shapes).
     num_batches = max(1, math.ceil(per_process / local_batch))
-    pad = num_batches * local_batch - count
     blank = dict(image=tf.zeros([views.eval_size, views.eval_size, 3], tf.uint8),
                  label=tf.constant(-1, tf.int32), image_id=tf.constant(-1, tf.int32),
                  mask=tf.constant(False))
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(pad))
+    # Padded past the end and cut to the agreed length, so that a record that fails to read
+    # mid-evaluation (dropped by the source with a warning) cannot leave one process a batch
+    # short of the others, which would hang the collective that follows.
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat()).take(num_batches * local_batch)
     return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 

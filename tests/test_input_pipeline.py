@@ -212,3 +212,14 @@ def test_hwcn_layout_puts_the_batch_last():
     hwcn = take(input_pipeline.train_dataset(source, labelled, config, 8, seed=2), 1)[0]
     assert hwcn["large"].shape == (2, 24, 24, 3, 8) and hwcn["small"].shape == (1, 12, 12, 3, 8)
     np.testing.assert_array_equal(hwcn["large"], plain["large"].transpose(1, 2, 3, 4, 0))
+
+
+def test_eval_keeps_its_batch_count_when_records_vanish_mid_read():
+    """A source that delivers fewer records than it counted (a read failure after start-up,
+    dropped with a warning) still gives every process the same number of batches."""
+    config = small_views(tiny.get_config())
+    source = datasets.load_source("synthetic", "test", synthetic_size=280, synthetic_image_size=28)
+    short = datasets.Source(source.dataset.take(50), source.num_examples, source.num_classes, source.encoded)
+    counts = [sum(1 for _ in input_pipeline.eval_dataset(short, config, 16, p, 2).as_numpy_iterator())
+              for p in (0, 1)]
+    assert counts == [3, 3]  # 35 per process -> 3 batches of 16, though process 1 gets only 15 records
