@@ -208,7 +208,7 @@ def _read_checkpoint(workdir: str, config: Any, step: int | None, signature: Cal
     """
     from semppl_jax import update_step
 
-    directory = os.path.join(workdir, "checkpoints")
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")  # Orbax reads absolute paths only
     if step is None and latest_step(workdir) is None:
         raise FileNotFoundError(f"no checkpoint under {directory}")
 

@@ -103,3 +103,18 @@ def test_a_damaged_checkpoint_is_an_error_not_a_retry(tmp_path, saved):
         checkpointing.restore_state(str(tmp_path), config)
     assert "deleted while being read" not in str(caught.value)
     assert checkpointing.latest_step(str(tmp_path)) == 1
+
+
+def test_a_relative_workdir_is_read(tmp_path, saved, monkeypatch):
+    """``run_demo.sh``'s default workdir is relative; Orbax refuses relative paths."""
+    config, state, meta = saved
+    writer = _writer(tmp_path / "run")
+    writer.save(3, state, meta)
+    writer.close()
+    monkeypatch.chdir(tmp_path)
+    params, _, step = checkpointing.restore_encoder("run", config)
+    assert step == 3
+    for module, leaves in params.items():
+        for name, value in leaves.items():
+            np.testing.assert_array_equal(value, state.online_params[module][name])
+    assert checkpointing.restore_state("run", config)[1] == 3
