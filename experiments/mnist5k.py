@@ -58,7 +58,7 @@ def get_config(arg: str | None = None):
     c.optim.update(dict(base_lr=4.0, warmup_epochs=2.0, ema_base=0.9))
     # Batch 128: twice the steps for the same compute, and better per image (k-NN 88.1 and
     # pseudo-labels 87% after 200 steps of 128, against 85.2 / 64% after 100 of 256).
-    # 66 epochs = 2,046 steps of the half-width net: 467 s alone on 2 CPU cores (the
+    # 66 epochs = 2,046 steps of the half-width net: 433-467 s alone on 2 CPU cores (the
     # full-width net's 22 epochs = 682 steps took 404 s; its k-NN still rose slowly:
     # 600 steps 93.7, 800 steps 94.0 at alpha=0).
     c.training.update(dict(batch_size=128, num_epochs=66.0, log_every_steps=31,

@@ -2,7 +2,7 @@ r"""The main job: SemPPL end to end on the 5,000 real MNIST digits shipped with 
 
 pretrain (10% labels) -> fine-tune on the labelled subset -> k-NN evaluation ->
 export ``pretrain.pkl`` -> summary (printed, ``summary.json``, ``curves.png``).
-About 8.5 minutes on 2 CPU cores (measured alone). ``python -m semppl_jax.demo --workdir=DIR``;
+About 8 minutes on 2 CPU cores (7.7 measured alone). ``python -m semppl_jax.demo --workdir=DIR``;
 running it again with the same workdir resumes pretraining where it stopped.
 """
 
