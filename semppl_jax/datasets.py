@@ -34,6 +34,11 @@ class Source:
     skipped: tuple[str, ...] = ()  # files left out because they could not be decoded
     lost_records: int = 0  # records the split's metadata lists but that could not be read
 
+    @property
+    def num_unreadable(self) -> int:
+        """Images left out: files that could not be decoded and records that could not be read."""
+        return len(self.skipped) + self.lost_records
+
 
 def _array_source(images: np.ndarray, labels: np.ndarray, num_classes: int, prefix: str) -> Source:
     ids = np.arange(len(images), dtype=np.int32)
@@ -149,7 +154,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None, validate_images: b
     # and names, no image decoded; the labelled subset needs that pass anyway), because every
     # process's share, the labelled mask and the evaluation's padding follow from the count.
     ds = ds.ignore_errors(log_warning=True).enumerate().map(convert, num_parallel_calls=tf.data.AUTOTUNE)
-    labels, names = _labels_and_names(ds)
+    labels, names = _collect(ds, "true_label", "file_name")
     if not len(labels):
         raise ValueError(f"dataset {name!r}, split {split!r}: no record could be read")
     lost = max(0, listed - len(labels))
@@ -163,15 +168,6 @@ def _tfds_source(name: str, split: str, data_dir: str | None, validate_images: b
     if validate_images if validate_images is not None else name.startswith("folder:"):
         source = _drop_undecodable(source)
     return source
-
-
-def _labels_and_names(ds: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and file names of every readable record, in ``image_id`` order (images not decoded)."""
-    labels, names = [np.zeros(0, np.int32)], [np.zeros(0, object)]
-    for batch in ds.map(lambda ex: (ex["true_label"], ex["file_name"])).batch(4096).as_numpy_iterator():
-        labels.append(batch[0])
-        names.append(batch[1])
-    return np.concatenate(labels), np.concatenate(names)
 
 
 def _drop_undecodable(source: Source) -> Source:
@@ -192,7 +188,7 @@ def _drop_undecodable(source: Source) -> Source:
         good[ids] = True
     if good.all():
         return source
-    names = source.file_names if source.file_names is not None else _collect(source, "file_name")
+    names = source.file_names if source.file_names is not None else _collect(source.dataset, "file_name")[0]
     skipped = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names[~good])
     for name in skipped:
         logging.warning("skipping an image that cannot be decoded: %s", name)
@@ -276,16 +272,16 @@ def labelled_mask(source: Source, spec: str, seed: int, cache_dir: str | None = 
         fraction = None
     if fraction is not None:
         if source.labels is None:
-            source.labels = _collect(source, "true_label").astype(np.int32)
+            source.labels = _collect(source.dataset, "true_label")[0].astype(np.int32)
         return stratified_subset(source.labels, fraction, seed)
     path = resolve_subset_file(spec, cache_dir, fetch) if spec in SUBSET_FILES else spec
     wanted = read_subset_list(path)
-    names = source.file_names if source.file_names is not None else _collect(source, "file_name")
+    names = source.file_names if source.file_names is not None else _collect(source.dataset, "file_name")[0]
     names = np.array([n.decode() if isinstance(n, bytes) else str(n) for n in names])
     base = np.array([os.path.basename(n) for n in names])
     mask = np.isin(base, np.array(sorted(wanted)))
     missing = len(wanted) - int(mask.sum())
-    unreadable = source.lost_records + len(source.skipped)
+    unreadable = source.num_unreadable
     if missing > unreadable:
         raise ValueError(f"label_subset {path!r}: {len(wanted) - missing} of its {len(wanted)} file names match "
                          f"an image of the split ({len(names)} images); the list does not fit this dataset.")
@@ -298,17 +294,24 @@ def labelled_mask(source: Source, spec: str, seed: int, cache_dir: str | None = 
     return mask
 
 
-def _collect(source: Source, key: str) -> np.ndarray:
-    """One pass over a feature (images skipped), ordered by image_id."""
-    ds = source.dataset.map(lambda ex: (ex["image_id"], ex[key]), num_parallel_calls=tf.data.AUTOTUNE)
-    ids, values = [], []
-    for i, v in ds.batch(4096).as_numpy_iterator():
-        ids.append(i)
-        values.append(v)
-    ids, values = np.concatenate(ids), np.concatenate(values)
-    out = np.empty_like(values)
-    out[ids] = values
-    return out
+def _collect(ds: tf.data.Dataset, *keys: str) -> tuple[np.ndarray, ...]:
+    """One pass over features of a source's dataset (images not decoded), each ordered by
+    ``image_id``; empty arrays if no record could be read."""
+    ds = ds.map(lambda ex: (ex["image_id"], *(ex[k] for k in keys)), num_parallel_calls=tf.data.AUTOTUNE)
+    parts = [[] for _ in range(1 + len(keys))]
+    for batch in ds.batch(4096).as_numpy_iterator():
+        for part, values in zip(parts, batch):
+            part.append(values)
+    if not parts[0]:
+        return tuple(np.zeros(0) for _ in keys)
+    ids = np.concatenate(parts[0])
+    out = []
+    for part in parts[1:]:
+        values = np.concatenate(part)
+        ordered = np.empty_like(values)
+        ordered[ids] = values
+        out.append(ordered)
+    return tuple(out)
 
 
 def class_counts(labels: Sequence[int], num_classes: int) -> np.ndarray:

@@ -170,7 +170,7 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
                  num_devices, jax.local_device_count(), num_processes, jax.devices()[0].platform,
                  t.batch_size, t.batch_size // num_devices)
     logging.info("train set: %d images (%d unreadable, left out), %d classes, %d labelled (%.2f%%); %d steps "
-                 "(%d per epoch)", source.num_examples, len(source.skipped) + source.lost_records,
+                 "(%d per epoch)", source.num_examples, source.num_unreadable,
                  source.num_classes, labelled.sum(), 100 * labelled.mean(), total_steps, steps_per_epoch)
 
     # State: fresh, or the latest checkpoint of this workdir.
@@ -246,7 +246,7 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
                 now = time.time()
                 scalars["images_per_sec"] = images_since_log / max(now - t_log, 1e-9)
                 scalars["step_time_sec"] = (now - t_log) * t.batch_size / max(images_since_log, 1)
-                scalars["skipped_images"] = float(len(source.skipped) + source.lost_records)
+                scalars["skipped_images"] = float(source.num_unreadable)
                 t_log, images_since_log = now, 0
                 if writer:
                     writer.write(step, scalars)

@@ -55,7 +55,7 @@ def test_a_corrupt_tfrecord_shard_degrades_and_keeps_processes_equal(tmp_path, c
     source = datasets.load_source("corruptible_records", "train", data_dir)
     assert (source.num_examples, source.lost_records) == (48 - lost, lost)
     assert f"{lost} of its 48 records could not be read" in caplog.text
-    ids = datasets._collect(source, "image_id")
+    ids = datasets._collect(source.dataset, "image_id")[0]
     assert sorted(ids.tolist()) == list(range(48 - lost))
     kept = {n.decode() for n in source.file_names}
     assert kept < {n.decode() for n in clean.file_names} and len(kept) == 48 - lost

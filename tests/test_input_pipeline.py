@@ -25,7 +25,7 @@ def take(ds, n):
 def mock_imagenet():
     with tfds.testing.mock_data(num_examples=24):
         source = datasets.load_source("imagenet2012", "train")
-        names = datasets._collect(source, "file_name")
+        names = datasets._collect(source.dataset, "file_name")[0]
         yield source, [n.decode() for n in names]
 
 
@@ -98,7 +98,7 @@ def test_image_folder_same_code_path(tmp_path):
     source = datasets.load_source(f"folder:{root}", "train")
     assert source.encoded and source.num_examples == 18 and source.num_classes == 3
     labelled = datasets.labelled_mask(source, "0.34", 0)  # 2 of 6 per class
-    true = datasets._collect(source, "true_label")
+    true = datasets._collect(source.dataset, "true_label")[0]
     assert np.bincount(true[labelled], minlength=3).tolist() == [2, 2, 2]
     config = small_views(tiny.get_config())
     batch = take(input_pipeline.train_dataset(source, labelled, config, 6, seed=1), 1)[0]
@@ -121,7 +121,7 @@ def test_image_folder_with_bad_files_trains_and_names_them(tmp_path):
     source = datasets.load_source(f"folder:{root}", "train")
     assert source.num_examples == 19  # 18 good JPEGs + the PNG
     assert sorted(n.split("/")[-1] for n in source.skipped) == ["cat_text.jpg", "cat_truncated.jpg"]
-    ids = datasets._collect(source, "image_id")
+    ids = datasets._collect(source.dataset, "image_id")[0]
     assert sorted(ids.tolist()) == list(range(19))
     labelled = datasets.labelled_mask(source, "0.5", 0)
     config = small_views(tiny.get_config())
