@@ -46,7 +46,8 @@ def one_run(workdir: str, method: str, fraction: str, seed: int, steps: int | No
             overrides: list[str] = ()) -> dict:
     from experiments import mnist5k
     from semppl_jax import config_checks, jobs
-    from semppl_jax.metric_writers import read_jsonl, write_json_atomic
+    from semppl_jax.metric_writers import read_jsonl
+    from semppl_jax.paths import write_json_atomic
 
     config = mnist5k.get_config(fraction)
     config.seed = seed

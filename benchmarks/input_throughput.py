@@ -30,10 +30,8 @@ def imagenet_like_source(num: int, seed: int = 0) -> datasets.Source:
         base = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
         img = tf.image.resize(base, [h, w], method="bilinear").numpy().astype(np.uint8)
         jpegs.append(tf.io.encode_jpeg(img, quality=90).numpy())
-    ds = tf.data.Dataset.from_tensor_slices(dict(
-        image=np.array(jpegs, dtype=object), true_label=np.zeros(num, np.int32),
-        image_id=np.arange(num, dtype=np.int32), file_name=np.array([f"{i}.JPEG" for i in range(num)])))
-    return datasets.Source(ds, num, 1000, encoded=True)
+    return datasets.array_source(np.array(jpegs, dtype=object), np.zeros(num, np.int32), 1000, "imagenet_like",
+                                 "train", encoded=True)
 
 
 def measure(source, config, batch: int, batches: int) -> float:

@@ -54,7 +54,8 @@ def one_run(run_dir: str, fraction: str, seed: int, alpha0: bool, overrides: lis
     from experiments import eval as eval_presets
     from experiments import mnist5k
     from semppl_jax import config_checks, jobs
-    from semppl_jax.metric_writers import read_jsonl, write_json_atomic
+    from semppl_jax.metric_writers import read_jsonl
+    from semppl_jax.paths import write_json_atomic
 
     config = mnist5k.get_config(fraction)
     config.seed = seed

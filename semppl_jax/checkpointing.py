@@ -21,14 +21,16 @@ The checkpoint's metadata records the fields that define the run
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
+
+from semppl_jax.paths import workdir_path
 
 T = TypeVar("T")
 
@@ -110,7 +112,7 @@ def save_policy(every_steps: int | None, every_minutes: float | None) -> policie
 class Checkpointer:
     def __init__(self, directory: str, keep: int, every_steps: int | None = None,
                  every_minutes: float | None = None, async_save: bool = True, read_only: bool = False):
-        self.directory = os.path.abspath(directory)
+        self.directory = workdir_path(directory)  # a bucket stays a bucket
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=not read_only, read_only=read_only,
             enable_async_checkpointing=async_save,
@@ -159,14 +161,14 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def latest_step(workdir: str) -> int | None:
+def latest_step(workdir: str | epath.Path) -> int | None:
     """The newest complete checkpoint's step in ``workdir`` (None if none).
 
     Lists finalized step directories only, without opening a manager, so it is safe
     while a live run saves and deletes old steps in the same directory.
     """
-    directory = os.path.join(workdir, "checkpoints")
-    steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
+    directory = workdir_path(workdir) / "checkpoints"
+    steps = ocp.utils.checkpoint_steps(directory) if directory.is_dir() else []
     return max(steps, default=None)
 
 
@@ -197,7 +199,7 @@ def _read_live(read: Callable[[], T], what: str) -> T:
 
 
 def _read_checkpoint(workdir: str, config: Any, step: int | None, signature: Callable[[int], dict],
-                     read: Callable[[str, Any, jax.sharding.Sharding], T]) -> T:
+                     read: Callable[[epath.Path, Any, jax.sharding.Sharding], T]) -> T:
     """``read(step directory, abstract train state, this process's first device)`` on
     ``step`` (the latest if None), after refusing a checkpoint whose ``signature`` fields
     differ from the config's.
@@ -208,19 +210,19 @@ def _read_checkpoint(workdir: str, config: Any, step: int | None, signature: Cal
     """
     from semppl_jax import update_step
 
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")  # Orbax reads absolute paths only
+    directory = workdir_path(workdir) / "checkpoints"  # Orbax reads absolute paths only
     if step is None and latest_step(workdir) is None:
         raise FileNotFoundError(f"no checkpoint under {directory}")
 
     def attempt() -> T:
         chosen = step if step is not None else latest_step(workdir)
-        path = os.path.join(directory, str(chosen))
+        path = directory / str(chosen)
         try:
-            if not os.path.isdir(path):
+            if not path.is_dir():
                 raise FileNotFoundError(
                     f"no checkpoint {path} (complete steps: {sorted(ocp.utils.checkpoint_steps(directory))})")
             meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-                os.path.join(path, "meta"), args=ocp.args.JsonRestore())
+                path / "meta", args=ocp.args.JsonRestore())
             check_resume(meta, signature(meta["num_classes"]), path)
             shapes = jax.eval_shape(
                 lambda: update_step.init_state(config, jax.random.key(0), meta["num_classes"], 1, 1))
@@ -246,16 +248,16 @@ def restore_encoder(workdir: str, config: Any, step: int | None = None) -> tuple
     def encoder_only(tree: dict) -> dict:
         return {m: v for m, v in tree.items() if m.split("/")[0] not in HEAD_MODULES}
 
-    def read(path: str, shapes: Any, device: jax.sharding.Sharding) -> tuple[dict, dict, int]:
+    def read(path: epath.Path, shapes: Any, device: jax.sharding.Sharding) -> tuple[dict, dict, int]:
         wanted = {"online_params": encoder_only(shapes.online_params),
                   "online_state": encoder_only(shapes.online_state)}
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)
         restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
         restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-            os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
+            path / "state", args=ocp.args.PyTreeRestore(
                 item=abstract, restore_args=restore_args, partial_restore=True))
         host = jax.device_get(restored)
-        return host["online_params"], host["online_state"], int(os.path.basename(path))
+        return host["online_params"], host["online_state"], int(path.name)
 
     return _read_checkpoint(workdir, config, step,
                             lambda _: {f"model.{k}": config.model[k] for k in ENCODER_FIELDS}, read)
@@ -264,11 +266,11 @@ def restore_encoder(workdir: str, config: Any, step: int | None = None) -> tuple
 def restore_state(workdir: str, config: Any, step: int | None = None) -> tuple[Any, int]:
     """The whole train state saved in ``workdir`` (latest, or ``step``), on this process's
     first device (addressable by every process). A different model is refused."""
-    def read(path: str, shapes: Any, device: jax.sharding.Sharding) -> tuple[Any, int]:
+    def read(path: epath.Path, shapes: Any, device: jax.sharding.Sharding) -> tuple[Any, int]:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
         state = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
-            os.path.join(path, "state"), args=ocp.args.StandardRestore(abstract))
-        return state, int(os.path.basename(path))
+            path / "state", args=ocp.args.StandardRestore(abstract))
+        return state, int(path.name)
 
     return _read_checkpoint(workdir, config, step,
                             lambda num_classes: arch_signature(config, num_classes), read)

@@ -1,52 +1,125 @@
-"""Training/evaluation data sources and the choice of which images carry labels.
+"""Training/evaluation data sources, each host's share of them, and which images carry labels.
 
-A source is a ``tf.data.Dataset`` of ``{image, true_label, image_id, file_name}``
-(``image`` decoded uint8, or JPEG bytes with ``encoded=True``), plus the split's
-size and class count. Every source, ImageNet, an image folder, the embedded
-MNIST digits or synthetic images, goes through the same view pipeline.
+A :class:`Source` is a split with a global id space ``0..num_ids-1`` (an id is the
+record's absolute position in the split) and two ways in:
+- random access (in-memory arrays, image folders): ``table(ids)`` lists the records
+  of any ids without reading an image; ``load`` reads one when it is needed;
+- sequential (prepared TFDS datasets): ``read_range(lo, hi)`` reads records
+  ``lo..hi-1`` and nothing else (TFDS's absolute slices, e.g. ``train[1000:2000]``).
+
+Each process reads its own share, an id range (``share_range``). What every process
+must agree on (labels and file names for the labelled subset, which images are
+unreadable) comes from the :class:`SplitIndex`: each process scans its own share once,
+the small arrays are all-gathered, and process 0 caches the result in the run's
+workdir, keyed to the dataset's identity, so a restart reads no image to start.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 SUBSET_FILES = {"1pct": "1percent.txt", "10pct": "10percent.txt"}
 # Where SimCLR's lists are looked for when neither subset_cache_dir nor $SEMPPL_SUBSET_DIR is set.
 DEFAULT_SUBSET_DIR = os.path.join(os.path.expanduser("~"), ".cache", "semppl_jax", "imagenet_subsets")
 SIMCLR_SUBSET_URL = ("https://raw.githubusercontent.com/google-research/simclr/master/"
                      "imagenet_subsets/{}")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+FOLDER_ORDER_SEED = 20230501  # ids of a folder: a fixed permutation of its sorted listing
 
 
 @dataclasses.dataclass
 class Source:
-    dataset: tf.data.Dataset  # elements: image, true_label, image_id, file_name
-    num_examples: int
+    """A split: its id space, class count and how its records are read (see module doc).
+
+    ``readable``, ``labels`` and ``file_names`` are per id once known: always for array
+    sources and folders (from the listing), after ``index_source`` for TFDS datasets.
+    """
+
+    name: str
+    split: str
+    num_ids: int
     num_classes: int
-    encoded: bool  # images are JPEG bytes (decode-and-crop in one op)
-    labels: np.ndarray | None = None  # all true labels, when cheap to know up front
+    encoded: bool  # images are encoded bytes (decode-and-crop on the host), else uint8 pixels
+    identity: dict  # what the cached index is keyed to
+    table: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None  # random access
+    load: Callable[[dict], dict] | None = None  # random access: ``image_ref`` -> ``image``
+    read_range: Callable[[int, int], tf.data.Dataset] | None = None  # sequential
+    labels: np.ndarray | None = None
     file_names: np.ndarray | None = None
+    readable: np.ndarray | None = None  # False: an undecodable image or a record lost from a damaged shard
     skipped: tuple[str, ...] = ()  # files left out because they could not be decoded
     lost_records: int = 0  # records the split's metadata lists but that could not be read
 
     @property
+    def random_access(self) -> bool:
+        return self.table is not None
+
+    @property
+    def num_examples(self) -> int:
+        """Images that can be used (the id space less the unreadable ones)."""
+        return self.num_ids if self.readable is None else int(self.readable.sum())
+
+    @property
     def num_unreadable(self) -> int:
-        """Images left out: files that could not be decoded and records that could not be read."""
-        return len(self.skipped) + self.lost_records
+        return self.num_ids - self.num_examples
+
+    def valid_ids(self) -> np.ndarray:
+        return np.arange(self.num_ids) if self.readable is None else np.flatnonzero(self.readable)
+
+    def records(self, ids: np.ndarray | None = None) -> tf.data.Dataset:
+        """Records ``{image, true_label, image_id, file_name}`` of ``ids`` (sorted; all
+        readable ids if None), in id order, reading only what they need."""
+        ids = self.valid_ids() if ids is None else np.asarray(ids, np.int64)
+        if self.random_access:
+            return tf.data.Dataset.from_tensor_slices(self.table(ids)).map(
+                self.load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if not len(ids):
+            return self.read_range(0, 0)
+        lo, hi = int(ids.min()), int(ids.max()) + 1
+        ds = self.read_range(lo, hi)
+        if len(ids) == hi - lo:
+            return ds
+        wanted = np.zeros(hi - lo, bool)
+        wanted[ids - lo] = True
+        keep = tf.constant(wanted)
+        return ds.filter(lambda ex: tf.gather(keep, tf.cast(ex["image_id"], tf.int64) - lo))
 
 
-def _array_source(images: np.ndarray, labels: np.ndarray, num_classes: int, prefix: str) -> Source:
-    ids = np.arange(len(images), dtype=np.int32)
-    names = np.array([f"{prefix}_{i:06d}" for i in ids])
-    ds = tf.data.Dataset.from_tensor_slices(dict(image=images, true_label=labels.astype(np.int32),
-                                                 image_id=ids, file_name=names))
-    return Source(ds, len(images), num_classes, encoded=False, labels=labels.astype(np.int32),
-                  file_names=names)
+def share_range(num_ids: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """Process ``process_index``'s ids: a contiguous range, sizes within one of each other."""
+    return process_index * num_ids // process_count, (process_index + 1) * num_ids // process_count
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def array_source(images: np.ndarray, labels: np.ndarray, num_classes: int, name: str, split: str,
+                 encoded: bool = False) -> Source:
+    """Images held in memory: uint8 pixels, or encoded bytes (an object array) with ``encoded``."""
+    labels = labels.astype(np.int32)
+    names = np.array([f"{name}_{split}_{i:06d}" for i in range(len(images))])
+
+    def table(ids: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(image_ref=images[ids], true_label=labels[ids], image_id=ids.astype(np.int32),
+                    file_name=names[ids])
+
+    def load(ex: dict) -> dict:
+        ex = dict(ex)
+        ex["image"] = ex.pop("image_ref")
+        return ex
+
+    return Source(name, split, len(images), num_classes, encoded, dict(name=name, split=split, n=len(images)),
+                  table=table, load=load, labels=labels, file_names=names)
 
 
 def synthetic_arrays(num: int, size: int, num_classes: int = 10, seed: int = 0
@@ -88,24 +161,154 @@ def mnist5k_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, y[idx].astype(np.int32)
 
 
+def folder_source(root: str, split: str) -> Source:
+    """``root/<split>/<class>/**/<image>``: classes are the sorted directory names.
+
+    Only the listing is read here (names, no bytes); ids are a fixed permutation of the
+    sorted listing, so each process's contiguous share holds every class.
+    """
+    if not tf.io.gfile.isdir(root):
+        raise FileNotFoundError(f"dataset.name='folder:{root}': no such directory {root!r}")
+    splits = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(f"{root}/{d}"))
+    if split not in splits:
+        raise ValueError(f"image folder {root!r} has splits {splits}, not {split!r} "
+                         f"(expected {root}/{split}/<class>/*.jpg)")
+    split_dir = f"{root.rstrip('/')}/{split}"
+    classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(split_dir) if tf.io.gfile.isdir(f"{split_dir}/{d}"))
+    if not classes:
+        raise ValueError(f"image folder {split_dir!r} has no class directories")
+    rel, labels = [], []
+    for c, cls in enumerate(classes):
+        for dirpath, _, files in tf.io.gfile.walk(f"{split_dir}/{cls}"):
+            for f in files:
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    rel.append(f"{dirpath.rstrip('/')}/{f}"[len(split_dir) + 1:])
+                    labels.append(c)
+    if not rel:
+        raise ValueError(f"image folder {split_dir!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
+    order = np.argsort(np.array(rel))
+    order = order[np.random.default_rng(FOLDER_ORDER_SEED).permutation(len(order))]
+    rel_names = np.array(rel)[order]
+    paths = np.array([f"{split_dir}/{r}" for r in rel_names])
+    labels = np.array(labels, np.int32)[order]
+    listing = hashlib.sha1("\n".join(f"{r}\t{y}" for r, y in zip(rel_names, labels)).encode()).hexdigest()
+
+    def table(ids: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(image_ref=paths[ids], true_label=labels[ids], image_id=ids.astype(np.int32),
+                    file_name=rel_names[ids])
+
+    def load(ex: dict) -> dict:
+        ex = dict(ex)
+        ex["image"] = tf.io.read_file(ex.pop("image_ref"))
+        return ex
+
+    return Source(f"folder:{root}", split, len(paths), len(classes), True,
+                  dict(name=f"folder:{root}", split=split, n=len(paths), listing=listing),
+                  table=table, load=load, labels=labels, file_names=rel_names)
+
+
+def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
+    """A prepared TFDS dataset; no record is read here (the split's size is its metadata)."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not list(builder.info.splits):  # no metadata: not prepared, or mocked (tfds.testing.mock_data)
+        return _unsized_tfds_source(builder, name, split, data_dir)
+    try:
+        num = builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"TFDS dataset {name!r} has no split {split!r} (splits: "
+                         f"{sorted(builder.info.splits)})") from e
+    name_key = "file_name" if "file_name" in builder.info.features else None
+    base_split, offset = _split_base_and_offset(split)
+    shard_starts = tf.constant(np.concatenate([[0], np.cumsum(builder.info.splits[base_split].shard_lengths)]),
+                               tf.int64)
+
+    def read_range(lo: int, hi: int) -> tf.data.Dataset:
+        # TFDS's cardinality assertion would re-raise forever under ignore_errors (below).
+        ds = builder.as_dataset(split=f"{base_split}[{offset + lo}:{offset + hi}]", shuffle_files=False,
+                                decoders={"image": tfds.decode.SkipDecoding()},
+                                read_config=tfds.ReadConfig(assert_cardinality=False, add_tfds_id=True))
+
+        # A record's id is its position in the split, from TFDS's record id (shard file and
+        # index in it): a damaged record ends the reading of its shard with a warning instead
+        # of the run, and the records read after it keep their own ids.
+        def convert(i, ex):
+            if "tfds_id" in ex:
+                shard = tf.strings.to_number(tf.strings.regex_replace(
+                    ex["tfds_id"], r"^.*-(\d+)-of-\d+__\d+$", r"\1"), tf.int64)
+                within = tf.strings.to_number(tf.strings.regex_replace(ex["tfds_id"], r"^.*__", ""), tf.int64)
+                position = tf.gather(shard_starts, shard) + within - offset
+            else:  # mocked data has no files
+                position = i + lo
+            file_name = ex[name_key] if name_key else tf.strings.as_string(position)
+            return dict(image=ex["image"], true_label=tf.cast(ex["label"], tf.int32),
+                        image_id=tf.cast(position, tf.int32), file_name=file_name)
+
+        return ds.ignore_errors(log_warning=True).enumerate().map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+    shards = [int(n) for n in builder.info.splits[base_split].shard_lengths]
+    identity = dict(name=name, split=split, n=num, version=str(builder.info.version),
+                    data_dir=str(builder.data_dir), shards=shards)
+    return Source(name, split, num, builder.info.features["label"].num_classes, True, identity,
+                  read_range=read_range)
+
+
+def _unsized_tfds_source(builder: Any, name: str, split: str, data_dir: str | None) -> Source:
+    """A TFDS dataset without split metadata (mocked): read whole, once, into memory."""
+    import tensorflow_datasets as tfds
+
+    try:
+        ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+    except AssertionError as e:  # TFDS's way of saying "not prepared"
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} is not prepared under data_dir={data_dir!r}; prepare it with "
+            f"`tfds build {name} --data_dir=...` (ImageNet needs its tarballs in the manual dir).") from e
+    logging.warning("TFDS dataset %r has no split metadata (mocked?): its split %r is read whole into memory",
+                    name, split)
+    records = list(ds.as_numpy_iterator())
+    images = np.array([r["image"] for r in records], object)
+    labels = np.array([r["label"] for r in records], np.int32)
+    names = np.array([r["file_name"].decode() if "file_name" in r else str(i) for i, r in enumerate(records)])
+    source = array_source(images, labels, builder.info.features["label"].num_classes, name, split, encoded=True)
+    return dataclasses.replace(source, file_names=names,
+                               table=lambda ids: dict(source.table(ids), file_name=names[ids]))
+
+
+def _split_base_and_offset(split: str) -> tuple[str, int]:
+    """``'train[10000:]'`` -> ``('train', 10000)``: a split's records are counted within it."""
+    if "[" not in split:
+        return split, 0
+    base, _, rest = split.partition("[")
+    start, colon, _ = rest.rstrip("]").partition(":")
+    if not colon or (start and not start.isdigit()):
+        raise ValueError(f"split {split!r}: only absolute record slices such as 'train[10000:]' or "
+                         f"'train[:50000]' can be shared between processes (no percentages or negative bounds)")
+    return base, int(start or 0)
+
+
 def load_source(name: str, split: str, data_dir: str | None = None, synthetic_size: int = 512,
-                synthetic_image_size: int = 40, seed: int = 0, validate_images: bool | None = None) -> Source:
-    """Resolves ``dataset.name`` to a :class:`Source` for ``split``."""
+                synthetic_image_size: int = 40, seed: int = 0) -> Source:
+    """Resolves ``dataset.name`` to a :class:`Source` for ``split`` (no image is read)."""
     if name == "synthetic":
         num = synthetic_size if split == "train" else max(synthetic_size // 4, 10)
         images, labels = synthetic_arrays(num, synthetic_image_size, seed=seed + (split != "train"))
-        return _array_source(images, labels, 10, f"synthetic_{split}")
+        return array_source(images, labels, 10, "synthetic", split)
     if name == "mnist5k":
         images, labels = mnist5k_arrays(split)
-        return _array_source(images, labels, 10, f"mnist5k_{split}")
-    return _tfds_source(name, split, data_dir, validate_images)
+        return array_source(images, labels, 10, "mnist5k", split)
+    if name.startswith("folder:"):
+        return folder_source(name[len("folder:"):], split)
+    return tfds_source(name, split, data_dir)
 
 
-def load_split(config: Any, split: str) -> Source:
-    """``load_source`` for ``split`` with the config's dataset fields."""
+def load_split(config: Any, split: str, index_dir: str | None = None, labels_needed: bool = True) -> Source:
+    """``load_source`` for ``split`` with the config's dataset fields, indexed (see
+    :func:`index_source`; cached under ``index_dir`` when given)."""
     d = config.dataset
-    return load_source(d.name, split, d.data_dir, d.synthetic_size, d.synthetic_image_size, config.seed,
-                       d.get("validate_images"))
+    source = load_source(d.name, split, d.data_dir, d.synthetic_size, d.synthetic_image_size, config.seed)
+    validate = d.validate_images if d.validate_images is not None else d.name.startswith("folder:")
+    return index_source(source, validate, index_dir, labels_needed)
 
 
 def config_labelled_mask(config: Any, source: Source) -> np.ndarray:
@@ -114,108 +317,170 @@ def config_labelled_mask(config: Any, source: Source) -> np.ndarray:
     return labelled_mask(source, d.label_subset, d.label_seed, d.subset_cache_dir, d.fetch_subsets)
 
 
-def _tfds_source(name: str, split: str, data_dir: str | None, validate_images: bool | None = None) -> Source:
-    import tensorflow_datasets as tfds
-
-    if name.startswith("folder:"):
-        root = name[len("folder:"):]
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"dataset.name={name!r}: no such directory {root!r}")
-        builder = tfds.ImageFolder(root)
-        if split not in builder.info.splits:
-            raise ValueError(f"image folder {root!r} has splits {sorted(builder.info.splits)}, not {split!r} "
-                             f"(expected {root}/{split}/<class>/*.jpg)")
-        ds = builder.as_dataset(split=split, shuffle_files=False,
-                                decoders={"image": tfds.decode.SkipDecoding()})
-        name_key = "image/filename"
-    else:
-        builder = tfds.builder(name, data_dir=data_dir)
-        try:  # TFDS's cardinality assertion would re-raise forever under ignore_errors (below)
-            ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
-                                    read_config=tfds.ReadConfig(assert_cardinality=False))
-        except AssertionError as e:  # TFDS's way of saying "not prepared"
-            raise FileNotFoundError(
-                f"TFDS dataset {name!r} is not prepared under data_dir={data_dir!r}; prepare it with "
-                f"`tfds build {name} --data_dir=...` (ImageNet needs its tarballs in the manual dir).") from e
-        name_key = "file_name" if "file_name" in builder.info.features else None
-    info = builder.info
-    try:  # also resolves sliced splits such as 'train[10000:]'
-        listed = info.splits[split].num_examples
-    except (KeyError, ValueError):
-        listed = 0  # split metadata unknown (e.g. mocked data)
-
-    def convert(index, ex):
-        file_name = ex[name_key] if name_key else tf.strings.as_string(index)
-        return dict(image=ex["image"], true_label=tf.cast(ex["label"], tf.int32),
-                    image_id=tf.cast(index, tf.int32), file_name=file_name)
-
-    # A corrupt record ends the reading of its TFRecord shard with a warning instead of the run;
-    # the other shards are read. The records that remain are then counted (one pass over labels
-    # and names, no image decoded; the labelled subset needs that pass anyway), because every
-    # process's share, the labelled mask and the evaluation's padding follow from the count.
-    ds = ds.ignore_errors(log_warning=True).enumerate().map(convert, num_parallel_calls=tf.data.AUTOTUNE)
-    labels, names = _collect(ds, "true_label", "file_name")
-    if not len(labels):
-        raise ValueError(f"dataset {name!r}, split {split!r}: no record could be read")
-    lost = max(0, listed - len(labels))
-    if lost:
-        from absl import logging
-
-        logging.warning("dataset %r, split %r: %d of its %d records could not be read (a corrupt TFRecord "
-                        "shard?) and are left out; using the %d that could", name, split, lost, listed, len(labels))
-    source = Source(ds, len(labels), info.features["label"].num_classes, encoded=True, labels=labels,
-                    file_names=names, lost_records=lost)
-    if validate_images if validate_images is not None else name.startswith("folder:"):
-        source = _drop_undecodable(source)
-    return source
+# ----------------------------------------------------------------------------- the split index
 
 
-def _drop_undecodable(source: Source) -> Source:
-    """Decodes every image once and leaves out those that fail, naming each in a warning.
+@dataclasses.dataclass
+class SplitIndex:
+    """What every process must agree on about a split, per id."""
 
-    Done up front (not mid-run) so that a bad file neither kills training at the same
-    step on every resume nor desynchronises processes: the remaining images are
-    re-indexed 0..n-1, and every pipeline built on the source is deterministic again.
+    readable: np.ndarray  # bool
+    labels: np.ndarray  # int32, -1 where unreadable
+    file_names: np.ndarray  # str
+
+
+def index_source(source: Source, validate: bool, index_dir: str | None = None, labels_needed: bool = True,
+                 process_index: int | None = None, process_count: int | None = None) -> Source:
+    """Fills in which ids are readable (and, for TFDS, every id's label and file name).
+
+    Needed only when ``validate`` (decode every image once, leave out and name those that
+    fail) or, for sequential sources, when labels are needed (the labelled subset). Each
+    process scans its own share, the results are all-gathered, and with ``index_dir`` the
+    index is cached there and reused while the dataset's identity matches.
     """
-    from absl import logging
+    if not validate and (source.random_access or not labels_needed):
+        return source
+    import jax
 
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    key = dict(source.identity, validated=bool(validate))
+    path = None
+    if index_dir:  # one index per split, process count and check: built once, refused if the data changes
+        name = f"{source.name}_{source.split}"
+        safe = "".join(ch if ch.isalnum() else "_" for ch in name)[-48:]
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        path = f"{index_dir}/{safe}_{digest}_{process_count}proc{'_checked' if validate else ''}.npz"
+    index = _read_index(path, key) if path else None
+    if index is None:
+        index = _build_index(source, validate, process_index, process_count)
+        if path and process_index == 0:
+            _write_index(path, key, index)
+    return _with_index(source, index)
+
+
+def _scan_share(source: Source, lo: int, hi: int, validate: bool) -> dict[str, np.ndarray]:
+    """This process's records ``lo..hi-1``: which could be read (and decoded, if
+    ``validate``), with their labels and names. Images are read, decoded only if asked."""
     from semppl_jax.input_pipeline import decode
 
-    probe = source.dataset.map(lambda ex: (ex["image_id"], tf.shape(decode(ex["image"], True))[0]),
-                               num_parallel_calls=tf.data.AUTOTUNE)
-    good = np.zeros(source.num_examples, bool)
-    for ids, _ in probe.ignore_errors().batch(4096).as_numpy_iterator():
-        good[ids] = True
-    if good.all():
-        return source
-    names = source.file_names if source.file_names is not None else _collect(source.dataset, "file_name")[0]
-    skipped = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names[~good])
-    for name in skipped:
-        logging.warning("skipping an image that cannot be decoded: %s", name)
-    if not good.any():
-        raise ValueError(f"none of the {source.num_examples} images could be decoded (e.g. {skipped[0]})")
-    keep = tf.constant(good)
-    ds = source.dataset.filter(lambda ex: tf.gather(keep, ex["image_id"])).enumerate()
-    ds = ds.map(lambda i, ex: dict(ex, image_id=tf.cast(i, tf.int32)), num_parallel_calls=tf.data.AUTOTUNE)
-    labels = None if source.labels is None else source.labels[good]
-    return dataclasses.replace(source, dataset=ds, num_examples=int(good.sum()), labels=labels,
-                               file_names=names[good], skipped=skipped)
+    ds = source.records(np.arange(lo, hi))
+
+    def probe(ex):
+        ok = tf.shape(decode(ex["image"], source.encoded))[0] > 0 if validate else tf.constant(True)
+        return ex["image_id"], ex["true_label"], ex["file_name"], ok
+
+    readable = np.zeros(hi - lo, bool)
+    labels = np.full(hi - lo, -1, np.int32)
+    names = np.full(hi - lo, "", object)
+    for ids, ys, ns, _ in ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors().batch(
+            4096).as_numpy_iterator():
+        readable[ids - lo], labels[ids - lo] = True, ys
+        names[ids - lo] = [n.decode() if isinstance(n, bytes) else str(n) for n in ns]
+    return dict(readable=readable, labels=labels, names=names)
+
+
+def _build_index(source: Source, validate: bool, process_index: int, process_count: int) -> SplitIndex:
+    lo, hi = share_range(source.num_ids, process_index, process_count)
+    mine = _scan_share(source, lo, hi, validate)
+    parts = _allgather_shares(mine, process_count)
+    readable = np.concatenate([p["readable"] for p in parts])
+    labels = np.concatenate([p["labels"] for p in parts])
+    names = np.concatenate([p["names"] for p in parts])
+    if source.random_access:  # the listing knows every name, readable or not
+        names = source.file_names
+    return SplitIndex(readable, labels, names)
+
+
+def _allgather_shares(mine: dict[str, np.ndarray], process_count: int) -> list[dict[str, np.ndarray]]:
+    """Every process's share scan, in process order (small arrays; names as fixed-width bytes)."""
+    if process_count == 1:
+        return [mine]
+    from jax.experimental import multihost_utils
+
+    encoded = [n.encode() for n in mine["names"]]
+    n, width = len(encoded), max([len(b) for b in encoded] + [1])
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([n, width], np.int32)))
+    rows, width = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+    buf = np.zeros((rows, width), np.uint8)
+    for i, b in enumerate(encoded):
+        buf[i, :len(b)] = np.frombuffer(b, np.uint8)
+    packed = np.zeros((rows, 2), np.int32)
+    packed[:n, 0], packed[:n, 1] = mine["readable"], mine["labels"]
+    all_packed = np.asarray(multihost_utils.process_allgather(packed))
+    all_names = np.asarray(multihost_utils.process_allgather(buf))
+    out = []
+    for p in range(process_count):
+        k = int(sizes[p, 0])
+        names = np.array([bytes(row).rstrip(b"\0").decode() for row in all_names[p, :k]], object)
+        out.append(dict(readable=all_packed[p, :k, 0].astype(bool), labels=all_packed[p, :k, 1], names=names))
+    return out
+
+
+def _read_index(path: str, key: dict) -> SplitIndex | None:
+    from etils import epath
+
+    path = epath.Path(path)
+    if not path.exists():
+        return None
+    data = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+    saved = json.loads(str(data["key"]))
+    if saved != key:
+        raise ValueError(f"the data index {path} was built for another dataset ({saved}) than this one "
+                         f"({key}): was the data changed under the run? Delete the file to index again.")
+    return SplitIndex(data["readable"].astype(bool), data["labels"], data["file_names"].astype(str))
+
+
+def _write_index(path: str, key: dict, index: SplitIndex) -> None:
+    """Written by process 0 alone, atomically (temporary name, then rename)."""
+    from etils import epath
+
+    buf = io.BytesIO()
+    np.savez(buf, key=np.array(json.dumps(key, sort_keys=True)), readable=index.readable, labels=index.labels,
+             file_names=np.asarray(index.file_names, str))
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{path.name}.tmp.{os.getpid()}"
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+
+
+def _with_index(source: Source, index: SplitIndex) -> Source:
+    readable = index.readable
+    labels = index.labels if source.labels is None else source.labels
+    names = np.asarray(index.file_names) if source.file_names is None else source.file_names
+    if not readable.any():
+        raise ValueError(f"dataset {source.name!r}, split {source.split!r}: none of its {source.num_ids} "
+                         f"images could be read (e.g. {names[0]})")
+    skipped, lost = (), 0
+    if source.random_access:
+        skipped = tuple(str(n) for n in names[~readable])
+        for name in skipped:
+            logging.warning("skipping an image that cannot be decoded: %s", name)
+    else:
+        lost = int((~readable).sum())
+        if lost:
+            logging.warning("dataset %r, split %r: %d of its %d records could not be read (a damaged TFRecord "
+                            "shard?) and are left out; using the %d that could", source.name, source.split,
+                            lost, source.num_ids, source.num_ids - lost)
+    return dataclasses.replace(source, readable=readable, labels=labels, file_names=names, skipped=skipped,
+                               lost_records=lost)
 
 
 # ----------------------------------------------------------------------------- label subsets
 
 
 def resolve_subset_file(spec: str, cache_dir: str | None, fetch: bool = False) -> str:
-    """'1pct'/'10pct' -> a local copy of SimCLR's list.
+    """'1pct'/'10pct' -> a copy of SimCLR's list (local or in a bucket).
 
     Looked up in ``cache_dir``, ``$SEMPPL_SUBSET_DIR`` and ``~/.cache/semppl_jax/imagenet_subsets``;
     downloaded into ``cache_dir`` only when ``fetch`` is set.
     """
     fname = SUBSET_FILES[spec]
-    candidates = [os.path.join(d, fname) for d in
+    candidates = [f"{d.rstrip('/')}/{fname}" for d in
                   (cache_dir, os.environ.get("SEMPPL_SUBSET_DIR"), DEFAULT_SUBSET_DIR) if d]
     for path in candidates:
-        if os.path.exists(path):
+        if tf.io.gfile.exists(path):
             return path
     url = SIMCLR_SUBSET_URL.format(fname)
     if fetch:
@@ -223,17 +488,17 @@ def resolve_subset_file(spec: str, cache_dir: str | None, fetch: bool = False) -
             raise ValueError("dataset.fetch_subsets needs dataset.subset_cache_dir to download into")
         import urllib.request
 
-        os.makedirs(cache_dir, exist_ok=True)
-        target = os.path.join(cache_dir, fname)
+        tf.io.gfile.makedirs(cache_dir)
+        target = f"{cache_dir.rstrip('/')}/{fname}"
         try:
             with urllib.request.urlopen(url, timeout=30) as r:
                 data = r.read()
         except OSError as e:
             raise FileNotFoundError(f"label_subset={spec!r}: could not download {url} ({e}); put the file "
                                     f"in {cache_dir} by hand") from e
-        with open(target + ".tmp", "wb") as f:
+        with tf.io.gfile.GFile(target + ".tmp", "wb") as f:
             f.write(data)
-        os.replace(target + ".tmp", target)
+        tf.io.gfile.rename(target + ".tmp", target, overwrite=True)
         return target
     raise FileNotFoundError(
         f"label_subset={spec!r}: {fname} not found in {candidates}. Put SimCLR's list there "
@@ -241,9 +506,9 @@ def resolve_subset_file(spec: str, cache_dir: str | None, fetch: bool = False) -
 
 
 def read_subset_list(path: str) -> set[str]:
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"label_subset: no such file {path!r}")
-    with open(path) as f:
+    with tf.io.gfile.GFile(path) as f:
         names = {line.strip() for line in f if line.strip()}
     if not names:
         raise ValueError(f"label_subset: {path!r} names no file")
@@ -251,12 +516,13 @@ def read_subset_list(path: str) -> set[str]:
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask choosing ``round(fraction * n_c)`` (at least 1) images of each class."""
+    """Boolean mask choosing ``round(fraction * n_c)`` (at least 1) images of each class;
+    entries labelled -1 (unreadable) are never chosen."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"label_subset fraction must be in (0, 1], got {fraction}")
     rng = np.random.default_rng(seed)
     mask = np.zeros(len(labels), bool)
-    for c in np.unique(labels):
+    for c in np.unique(labels[labels >= 0]):
         idx = np.flatnonzero(labels == c)
         n = max(1, int(round(fraction * len(idx))))
         mask[rng.choice(idx, n, replace=False)] = True
@@ -265,53 +531,32 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
 
 def labelled_mask(source: Source, spec: str, seed: int, cache_dir: str | None = None,
                   fetch: bool = False) -> np.ndarray:
-    """Which training images carry labels, as a mask over ``image_id``."""
+    """Which training images carry labels, as a mask over ids (never an unreadable one)."""
+    if source.labels is None or source.file_names is None:
+        raise ValueError(f"dataset {source.name!r}: the split is not indexed (datasets.index_source)")
+    readable = np.ones(source.num_ids, bool) if source.readable is None else source.readable
     try:
         fraction = float(spec)
     except ValueError:
         fraction = None
     if fraction is not None:
-        if source.labels is None:
-            source.labels = _collect(source.dataset, "true_label")[0].astype(np.int32)
-        return stratified_subset(source.labels, fraction, seed)
+        return stratified_subset(np.where(readable, source.labels, -1), fraction, seed)
     path = resolve_subset_file(spec, cache_dir, fetch) if spec in SUBSET_FILES else spec
     wanted = read_subset_list(path)
-    names = source.file_names if source.file_names is not None else _collect(source.dataset, "file_name")[0]
-    names = np.array([n.decode() if isinstance(n, bytes) else str(n) for n in names])
-    base = np.array([os.path.basename(n) for n in names])
-    mask = np.isin(base, np.array(sorted(wanted)))
+    base = np.array([os.path.basename(str(n)) for n in source.file_names])
+    listed = np.isin(base, np.array(sorted(wanted)))
+    mask = listed & readable
     missing = len(wanted) - int(mask.sum())
     unreadable = source.num_unreadable
     if missing > unreadable:
         raise ValueError(f"label_subset {path!r}: {len(wanted) - missing} of its {len(wanted)} file names match "
-                         f"an image of the split ({len(names)} images); the list does not fit this dataset.")
+                         f"an image of the split ({source.num_examples} images); the list does not fit this "
+                         f"dataset.")
     if missing:  # they can be among the images that could not be read: degrade, do not stop
-        from absl import logging
-
         logging.warning("label_subset %r: %d of its %d images are not in the split, which has %d unreadable "
                         "images; training with the %d labelled images found", path, missing, len(wanted),
                         unreadable, len(wanted) - missing)
     return mask
-
-
-def _collect(ds: tf.data.Dataset, *keys: str) -> tuple[np.ndarray, ...]:
-    """One pass over features of a source's dataset (images not decoded), each ordered by
-    ``image_id``; empty arrays if no record could be read."""
-    ds = ds.map(lambda ex: (ex["image_id"], *(ex[k] for k in keys)), num_parallel_calls=tf.data.AUTOTUNE)
-    parts = [[] for _ in range(1 + len(keys))]
-    for batch in ds.batch(4096).as_numpy_iterator():
-        for part, values in zip(parts, batch):
-            part.append(values)
-    if not parts[0]:
-        return tuple(np.zeros(0) for _ in keys)
-    ids = np.concatenate(parts[0])
-    out = []
-    for part in parts[1:]:
-        values = np.concatenate(part)
-        ordered = np.empty_like(values)
-        ordered[ids] = values
-        out.append(ordered)
-    return tuple(out)
 
 
 def class_counts(labels: Sequence[int], num_classes: int) -> np.ndarray:

@@ -63,7 +63,7 @@ def run(workdir: str, fraction: str = "0.1", steps: int | None = None, seed: int
     from experiments import eval as eval_presets
     from experiments import mnist5k
     from semppl_jax import jobs as launcher
-    from semppl_jax.metric_writers import write_json_atomic
+    from semppl_jax.paths import write_json_atomic
 
     t0 = time.time()
     config = mnist5k.get_config(fraction)

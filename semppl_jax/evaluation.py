@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -25,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from semppl_jax import augment, datasets, input_pipeline, networks, update_step
+from semppl_jax.paths import workdir_path
 from semppl_jax.update_step import AXIS
 
 HEAD = "eval_head"
@@ -73,17 +73,17 @@ def load_pretrained(checkpoint: str, config: Any) -> Pretrained:
     if checkpoint.endswith(".pkl"):
         params, state, step = export.load_pretrain_pkl(checkpoint)
         return Pretrained(params, state, step, checkpoint)
-    pkl = os.path.join(checkpoint, "pretrain.pkl")
+    pkl = workdir_path(checkpoint) / "pretrain.pkl"
     ckpt_step = checkpointing.latest_step(checkpoint)
-    if os.path.exists(pkl):
-        params, state, step = export.load_pretrain_pkl(pkl)
+    if pkl.exists():
+        params, state, step = export.load_pretrain_pkl(str(pkl))
         if ckpt_step is None or step >= ckpt_step:
-            return Pretrained(params, state, step, pkl)
+            return Pretrained(params, state, step, str(pkl))
     if ckpt_step is None:
         raise FileNotFoundError(f"{checkpoint!r} holds neither checkpoints/ nor pretrain.pkl")
     # The latest again (not ``ckpt_step``): a live run may have deleted that one meanwhile.
     params, state, step = checkpointing.restore_encoder(checkpoint, config)
-    return Pretrained(params, state, step, os.path.join(checkpoint, "checkpoints", str(step)))
+    return Pretrained(params, state, step, str(workdir_path(checkpoint) / "checkpoints" / str(step)))
 
 
 def transplant(params: dict, state: dict, pre_params: dict, pre_state: dict) -> tuple[dict, dict]:
@@ -163,11 +163,11 @@ def _sharded(fn, mesh, in_specs, out_specs, donate=()):
                    donate_argnums=donate)
 
 
-def _eval_batches(source: datasets.Source, config: Any, mesh, max_examples: int | None = None
-                  ) -> Iterator[dict]:
+def _eval_batches(source: datasets.Source, config: Any, mesh, max_examples: int | None = None,
+                  ids: np.ndarray | None = None) -> Iterator[dict]:
     local_batch = config.eval.batch_size // jax.process_count()
     ds = input_pipeline.eval_dataset(source, config, local_batch, jax.process_index(), jax.process_count(),
-                                     max_examples)
+                                     max_examples, ids)
     for batch in ds.as_numpy_iterator():
         yield update_step.shard_batch(batch, mesh)
 
@@ -182,11 +182,12 @@ def test_accuracy(net, params, net_state, source, config, mesh, max_examples=Non
     return dict(top1=totals["top1"] / n, top5=totals["top5"] / n, num_examples=totals["count"])
 
 
-def embed(net, params, net_state, source, config, mesh, max_examples=None) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings and labels of every (real) example of ``source``, gathered to the host."""
+def embed(net, params, net_state, source, config, mesh, max_examples=None, ids=None
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and labels of every (real) example of ``source`` (or of ``ids``), gathered to the host."""
     step = _sharded(make_embed_step(net), mesh, (P(), P(), P(AXIS)), (P(AXIS), P(AXIS), P(AXIS)))
     embs, labels = [], []
-    for batch in _eval_batches(source, config, mesh, max_examples):
+    for batch in _eval_batches(source, config, mesh, max_examples, ids):
         e, y, m = step(params, net_state, batch)
         e, y, m = (np.asarray(multihost_utils.process_allgather(a, tiled=True)) for a in (e, y, m))
         embs.append(e[m])
@@ -220,8 +221,7 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]
 def knn_eval(net, params, net_state, train_source, labelled, test_source, config, mesh,
              max_examples=None) -> dict:
     """k-NN top-1/top-5 on the test split with the labelled subset as support."""
-    support = _subset_source(train_source, labelled)
-    train_emb, train_y = embed(net, params, net_state, support, config, mesh)
+    train_emb, train_y = embed(net, params, net_state, train_source, config, mesh, ids=np.flatnonzero(labelled))
     test_emb, test_y = embed(net, params, net_state, test_source, config, mesh, max_examples)
     scores = knn_classify(train_emb, train_y, test_emb, test_source.num_classes, config.eval.knn_k,
                           config.eval.knn_temperature)
@@ -233,33 +233,22 @@ def pixel_knn(config: Any, train_source=None, labelled: np.ndarray | None = None
     """The baseline that needs no training: the same weighted k-NN as ``knn_eval``, on the
     raw pixels of the same centre crops (support: the labelled subset). Host-side."""
     train_source = train_source or datasets.load_split(config, config.dataset.train_split)
-    test_source = test_source or datasets.load_split(config, config.dataset.eval_split)
+    test_source = test_source or datasets.load_split(config, config.dataset.eval_split, labels_needed=False)
     labelled = datasets.config_labelled_mask(config, train_source) if labelled is None else labelled
 
-    def pixels(source):
+    def pixels(source, ids=None):
         xs, ys = [], []
-        for b in input_pipeline.eval_dataset(source, config, 256).as_numpy_iterator():
+        for b in input_pipeline.eval_dataset(source, config, 256, ids=ids).as_numpy_iterator():
             xs.append(b["image"][b["mask"]].reshape(int(b["mask"].sum()), -1).astype(np.float32))
             ys.append(b["label"][b["mask"]])
         return np.concatenate(xs), np.concatenate(ys)
 
-    support_x, support_y = pixels(_subset_source(train_source, labelled))
+    support_x, support_y = pixels(train_source, np.flatnonzero(labelled))
     test_x, test_y = pixels(test_source)
     scores = knn_classify(support_x, support_y, test_x, test_source.num_classes, config.eval.knn_k,
                           config.eval.knn_temperature)
     top1, top5 = topk_accuracy(scores, test_y)
     return dict(top1=top1, top5=top5, num_examples=int(len(test_y)), support_size=int(len(support_y)))
-
-
-def _subset_source(source: datasets.Source, mask: np.ndarray) -> datasets.Source:
-    import tensorflow as tf
-
-    keep = np.flatnonzero(mask)
-
-    mask_t = tf.constant(mask.astype(bool))
-    ds = source.dataset.filter(lambda ex: tf.gather(mask_t, ex["image_id"]))
-    return datasets.Source(ds, len(keep), source.num_classes, source.encoded,
-                           None if source.labels is None else source.labels[keep])
 
 
 def train_classifier(config: Any, train_source, labelled: np.ndarray, test_source, mesh,
@@ -312,9 +301,9 @@ def train_classifier(config: Any, train_source, labelled: np.ndarray, test_sourc
 class OnlineKnn:
     """k-NN top-1 of the current online encoder during pretraining (a monitor)."""
 
-    def __init__(self, config: Any, train_source, labelled: np.ndarray, mesh):
+    def __init__(self, config: Any, train_source, labelled: np.ndarray, mesh, index_dir: str | None = None):
         self._config, self._train, self._labelled, self._mesh = config, train_source, labelled, mesh
-        self._test = datasets.load_split(config, config.dataset.eval_split)
+        self._test = datasets.load_split(config, config.dataset.eval_split, index_dir, labels_needed=False)
         self._net = make_classifier(config.model, train_source.num_classes, None)
         size = config.views.eval_size
         params, _ = jax.eval_shape(lambda: self._net.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), True))

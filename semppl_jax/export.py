@@ -8,12 +8,12 @@ with a leading replica axis of size 1 on every leaf, as plain numpy arrays.
 
 from __future__ import annotations
 
-import os
 import pickle
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 REQUIRED = ("online_params", "online_state")
 
@@ -33,13 +33,13 @@ def export_pretrain_pkl(state: Any, path: str) -> str:
         "target_state": _numpy_tree(jax.device_get(state.target_state), True),
     }
     payload = {"experiment_state": experiment_state, "step": int(jax.device_get(state.step))}
-    if os.path.isdir(path):
-        path = os.path.join(path, "pretrain.pkl")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump(payload, f, protocol=4)
-    os.replace(tmp, path)
-    return path
+    path = epath.Path(path)
+    if path.is_dir():
+        path = path / "pretrain.pkl"
+    tmp = path.parent / f"{path.name}.tmp"
+    tmp.write_bytes(pickle.dumps(payload, protocol=4))
+    tmp.replace(path)
+    return str(path)
 
 
 def load_pretrain_pkl(path: str) -> tuple[dict, dict, int]:
@@ -47,13 +47,13 @@ def load_pretrain_pkl(path: str) -> tuple[dict, dict, int]:
 
     Accepts the file or its directory (the reference reader's ``<root>/pretrain.pkl``).
     """
-    if os.path.isdir(path):
-        path = os.path.join(path, "pretrain.pkl")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no released-format checkpoint at {path!r}")
+    path = epath.Path(path)
+    if path.is_dir():
+        path = path / "pretrain.pkl"
+    if not path.exists():
+        raise FileNotFoundError(f"no released-format checkpoint at {str(path)!r}")
     try:
-        with open(path, "rb") as f:
-            payload = pickle.load(f)
+        payload = pickle.loads(path.read_bytes())
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
         raise ValueError(f"{path!r} is not a readable pretrain.pkl (truncated or corrupt?): {e!r}") from e
     if not isinstance(payload, dict) or not isinstance(payload.get("experiment_state"), dict):

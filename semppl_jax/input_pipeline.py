@@ -2,9 +2,13 @@
 
 Crops change shapes, so they are cut here on the host (each image decoded once,
 every view cut from it); colour augmentations keep shapes and run on device
-(``augment.py``). Every random draw comes from a stateless seed derived from
+(``augment.py``). Each process reads only its share of the split
+(``datasets.share_range``). The training stream is epoch-keyed: epoch ``e`` of a
+share is a shuffle seeded by (run seed, ``e``), and every crop's seed comes from
 (run seed, element position), so a pipeline restarted at step ``s`` yields the
-same batches as one that ran through.
+same batches as one that ran through, without replaying earlier epochs: an image
+folder or in-memory source starts at once (ids are shuffled, not images); a
+TFDS dataset re-reads at most one epoch of its own share.
 """
 
 from __future__ import annotations
@@ -16,16 +20,50 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from semppl_jax.datasets import Source
+from semppl_jax.datasets import Source, share_range
+
+MAX_EPOCHS = 1 << 40  # "endless"
 
 
-def _process_slice(source: Source, process_index: int, process_count: int) -> tuple[tf.data.Dataset, int]:
-    """Each process reads its own contiguous slice of the split."""
-    per_process = source.num_examples // process_count
-    if per_process == 0:
-        raise ValueError(f"{source.num_examples} examples cannot be split over {process_count} processes")
-    ds = source.dataset.skip(process_index * per_process).take(per_process)
-    return ds, per_process
+def share_ids(source: Source, pool: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """The ids of ``pool`` (sorted) that fall in this process's share of the split."""
+    lo, hi = share_range(source.num_ids, process_index, process_count)
+    return pool[(pool >= lo) & (pool < hi)]
+
+
+def epoch_stream(source: Source, ids: np.ndarray, seed: int, position: int, buffer: int,
+                 base: tf.data.Dataset | None = None) -> tf.data.Dataset:
+    """Records of ``ids``, endless, each epoch in a fresh order keyed to (seed, epoch),
+    starting at element ``position`` of that endless stream.
+
+    Random-access sources shuffle ids (a full permutation) and read an image only when
+    it is reached, so starting late costs nothing; sequential ones (TFDS) shuffle records
+    in a buffer of ``buffer`` and skip at most one epoch of ``ids``. ``base`` replaces the
+    sequential read of ``ids`` (e.g. a cached one)."""
+    n = len(ids)
+    if n == 0:
+        raise ValueError("an input stream has no image (this process's share of a subset is empty)")
+    first, offset = divmod(int(position), n)
+    epochs = tf.data.Dataset.range(first, MAX_EPOCHS)
+    if source.random_access:
+        table = {k: tf.constant(v) for k, v in source.table(np.asarray(ids)).items()}
+
+        def epoch_order(e):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), e]))
+            return tf.data.Dataset.from_tensor_slices(order)
+
+        ds = epochs.flat_map(epoch_order).skip(offset)
+        ds = ds.map(lambda i: {k: tf.gather(v, i) for k, v in table.items()})
+        return ds.map(source.load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    records = source.records(ids) if base is None else base
+    buffer = max(1, min(buffer, n))
+
+    def epoch_records(e):
+        return records.shuffle(buffer, seed=tf.constant(seed, tf.int64) * 1_000_003 + e,
+                               reshuffle_each_iteration=False)
+
+    return epochs.flat_map(epoch_records).skip(offset)
 
 
 def decode(image: tf.Tensor, encoded: bool) -> tf.Tensor:
@@ -74,11 +112,6 @@ def _with_labels(ds: tf.data.Dataset, labelled: np.ndarray) -> tf.data.Dataset:
     return ds.map(add, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _stream(ds: tf.data.Dataset, seed: int, buffer: int) -> tf.data.Dataset:
-    """Endless, each epoch a fresh (seeded) shuffle: every image once an epoch."""
-    return ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-
-
 def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch: int, seed: int,
                   process_index: int = 0, process_count: int = 1, start_step: int = 0,
                   only_labelled: bool = False) -> tf.data.Dataset:
@@ -86,23 +119,24 @@ def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch
     image_id, true_label}`` for this process, starting at ``start_step``.
 
     ``only_labelled`` keeps the labelled images alone (fine-tuning, baselines)."""
-    if len(labelled) != source.num_examples:
-        raise ValueError(f"labelled mask has {len(labelled)} entries for {source.num_examples} images")
-    ds, per_process = _process_slice(source, process_index, process_count)
-    if local_batch > per_process:
-        raise ValueError(f"per-process batch {local_batch} exceeds the {per_process} training images "
-                         f"of this process")
-    ds = _with_labels(ds, labelled)
+    if len(labelled) != source.num_ids:
+        raise ValueError(f"labelled mask has {len(labelled)} entries for {source.num_ids} images")
+    pool = source.valid_ids()
     if only_labelled:
-        ds = ds.filter(lambda ex: ex["is_labelled"])
+        pool = pool[labelled[pool]]
+    ids = share_ids(source, pool, process_index, process_count)
+    if local_batch > len(ids):
+        raise ValueError(f"per-process batch {local_batch} exceeds the {len(ids)} training images "
+                         f"of this process")
     seed = seed * 1000 + process_index
-    buffer = min(config.dataset.shuffle_buffer, per_process)
+    buffer = config.dataset.shuffle_buffer
     n_lab = config.dataset.labelled_per_batch
-    if n_lab is None:
-        ds = _stream(ds, seed, buffer)
+    if n_lab is None or only_labelled:
+        ds = epoch_stream(source, ids, seed, start_step * local_batch, buffer)
     else:
-        ds = _fixed_labelled_mix(ds, labelled, n_lab, local_batch, process_count, seed, buffer)
-    ds = ds.skip(start_step * local_batch)  # before the crops: skipping costs no decode
+        ds = _fixed_labelled_mix(source, ids, labelled, n_lab, local_batch, process_count, seed, buffer,
+                                 start_step)
+    ds = _with_labels(ds, labelled)
     views = config.views
     encoded = source.encoded
 
@@ -129,13 +163,15 @@ def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _fixed_labelled_mix(ds: tf.data.Dataset, labelled: np.ndarray, per_global_batch: int,
-                        local_batch: int, process_count: int, seed: int, buffer: int) -> tf.data.Dataset:
+def _fixed_labelled_mix(source: Source, ids: np.ndarray, labelled: np.ndarray, per_global_batch: int,
+                        local_batch: int, process_count: int, seed: int, buffer: int,
+                        start_step: int) -> tf.data.Dataset:
     """A fixed number of labelled images in every batch, class-stratified.
 
-    The labelled stream cycles over classes (one class after another, each
-    class's images shuffled and repeated), so every batch holds a near-equal
-    number of images of each class; the rest of the batch are unlabelled images.
+    The labelled stream cycles over classes (one class after another, each class's
+    images in its own epoch-keyed stream), so every batch holds a near-equal number of
+    images of each class; the rest of the batch are unlabelled images. Every
+    sub-stream's position at ``start_step`` is arithmetic: a resume replays nothing.
     """
     if per_global_batch % process_count:
         raise ValueError(f"dataset.labelled_per_batch={per_global_batch} is not divisible by the "
@@ -143,38 +179,48 @@ def _fixed_labelled_mix(ds: tf.data.Dataset, labelled: np.ndarray, per_global_ba
     n_lab = per_global_batch // process_count
     if not 0 < n_lab <= local_batch:
         raise ValueError(f"dataset.labelled_per_batch={per_global_batch} must be in (0, global batch]")
-    lab = ds.filter(lambda ex: ex["is_labelled"]).cache()
-    per_class = {}
-    for c in np.unique(np.asarray(_labels_of(lab))):
-        per_class[int(c)] = _stream(lab.filter(lambda ex, c=c: tf.equal(ex["label"], c)), seed + int(c), buffer)
-    if not per_class:
+    lab_ids, unl_ids = ids[labelled[ids]], ids[~labelled[ids]]
+    classes = np.unique(source.labels[lab_ids])
+    if not len(classes):
         raise ValueError("dataset.labelled_per_batch is set but this process has no labelled image")
-    order = tf.data.Dataset.range(len(per_class)).repeat()
-    labelled_stream = tf.data.Dataset.choose_from_datasets(list(per_class.values()), order)
-    # The rest of the batch: unlabelled images only, so the labelled count is exact.
-    everything = _stream(ds.filter(lambda ex: tf.logical_not(ex["is_labelled"])), seed, buffer)
-    # Within each batch: labelled slots spread evenly (index 0 = labelled stream).
-    slots = np.ones(local_batch, np.int64)
+    m = len(classes)
+    drawn = start_step * n_lab  # labelled draws before start_step: draw t is of class t % m
+    # A sequential source reads its labelled records once (a small cached set), then per class.
+    cached = None if source.random_access else source.records(lab_ids).cache()
+    per_class = []
+    for j, c in enumerate(classes):
+        of_c = lab_ids[source.labels[lab_ids] == c]
+        base = None if cached is None else cached.filter(lambda ex, c=c: tf.equal(ex["true_label"], int(c)))
+        per_class.append(epoch_stream(source, of_c, seed + 1 + int(c), (drawn - j + m - 1) // m, buffer, base))
+    order = tf.data.Dataset.range(m).repeat().skip(drawn % m)
+    labelled_stream = tf.data.Dataset.choose_from_datasets(per_class, order)
+    slots = np.ones(local_batch, np.int64)  # within each batch: labelled slots spread evenly (0 = labelled)
     slots[np.round(np.linspace(0, local_batch - 1, n_lab)).astype(int)] = 0
+    if n_lab == local_batch:
+        return labelled_stream
+    if not len(unl_ids):
+        raise ValueError("dataset.labelled_per_batch leaves room for unlabelled images but this process "
+                         "has none")
+    # The rest of the batch: unlabelled images only, so the labelled count is exact.
+    unlabelled_stream = epoch_stream(source, unl_ids, seed, start_step * (local_batch - n_lab), buffer)
     pattern = tf.data.Dataset.from_tensor_slices(slots).repeat()
-    return tf.data.Dataset.choose_from_datasets([labelled_stream, everything], pattern)
-
-
-def _labels_of(ds: tf.data.Dataset) -> np.ndarray:
-    labels = [x for x in ds.map(lambda ex: ex["label"]).as_numpy_iterator()]
-    return np.array(labels, np.int32)
+    return tf.data.Dataset.choose_from_datasets([labelled_stream, unlabelled_stream], pattern)
 
 
 def eval_dataset(source: Source, config: Any, local_batch: int, process_index: int = 0,
-                 process_count: int = 1, max_examples: int | None = None) -> tf.data.Dataset:
-    """Centre crops; every example exactly once over all processes. The last batch
-    is padded, and ``mask`` marks real examples, so metrics divide by true counts."""
-    total = source.num_examples if max_examples is None else min(max_examples, source.num_examples)
-    per_process = math.ceil(total / process_count)
-    start = process_index * per_process
-    count = max(0, min(per_process, total - start))
+                 process_count: int = 1, max_examples: int | None = None,
+                 ids: np.ndarray | None = None) -> tf.data.Dataset:
+    """Centre crops of ``ids`` (every readable image if None; the first ``max_examples``),
+    every one exactly once over all processes, each reading its own contiguous part.
+    The last batch is padded, and ``mask`` marks real examples, so metrics divide by
+    true counts."""
+    ids = source.valid_ids() if ids is None else np.asarray(ids)
+    if max_examples is not None:
+        ids = ids[:max_examples]
+    part = np.array_split(ids, process_count)[process_index]
+    per_process = math.ceil(len(ids) / process_count)
     views = config.views
-    ds = source.dataset.skip(start).take(count)
+    ds = source.records(part)
 
     @tf.autograph.experimental.do_not_convert
     def prep(ex):

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging as pylogging
 import math
-import os
 import signal
 import time
 
 from absl import logging
+
+from semppl_jax.paths import read_json, workdir_path
 
 # Exit status of a run stopped by a preemption notice after saving: EX_TEMPFAIL from
 # sysexits.h ("temporary failure, try again"). Non-zero so that schedulers do not
@@ -73,7 +74,7 @@ def export(config, workdir: str) -> str:
     from semppl_jax import export as export_lib
 
     state, step = checkpointing.restore_state(workdir, config)
-    path = os.path.join(workdir, "pretrain.pkl")
+    path = str(workdir_path(workdir) / "pretrain.pkl")
     if jax.process_index() == 0:
         export_lib.export_pretrain_pkl(state, path)
         logging.info("exported step %d to %s", step, path)
@@ -87,15 +88,16 @@ def evaluate(config, workdir: str) -> dict:
     import jax
 
     from semppl_jax import config_checks, datasets, evaluation, update_step
-    from semppl_jax.metric_writers import write_json_atomic
+    from semppl_jax.paths import write_json_atomic
 
     e = config.eval
     config_checks.validate(config, jax.device_count(), jax.process_count())
     if e.batch_size % jax.device_count():
         raise config_checks.ConfigError(f"config.eval.batch_size: {e.batch_size} is not divisible by the "
                                         f"{jax.device_count()} devices")
-    train_source = datasets.load_split(config, config.dataset.train_split)
-    test_source = datasets.load_split(config, config.dataset.eval_split)
+    index_dir = str(workdir_path(workdir) / "data_index")
+    train_source = datasets.load_split(config, config.dataset.train_split, index_dir)
+    test_source = datasets.load_split(config, config.dataset.eval_split, index_dir, labels_needed=False)
     labelled = datasets.config_labelled_mask(config, train_source)
     checkpoint = e.checkpoint or workdir
     pretrained = None if checkpoint == "scratch" else evaluation.load_pretrained(checkpoint, config)
@@ -118,10 +120,9 @@ def evaluate(config, workdir: str) -> dict:
                   checkpoint_file=None if pretrained is None else pretrained.source,
                   step=None if pretrained is None else pretrained.step, **result)
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
         # The latest result, and one file per protocol so that several evaluations coexist.
         for name in ("eval_results.json", f"eval_results_{e.protocol}.json"):
-            write_json_atomic(os.path.join(workdir, name), result)
+            write_json_atomic(workdir_path(workdir) / name, result)
         print(result)
     return result
 
@@ -136,15 +137,19 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
     import jax
 
     from semppl_jax import checkpointing, config_checks, datasets, evaluation, input_pipeline, memory, update_step
-    from semppl_jax.metric_writers import MetricWriter, Progress, write_json_atomic
+    from semppl_jax.metric_writers import MetricWriter, Progress
+    from semppl_jax.paths import write_json_atomic
 
     is_main = jax.process_index() == 0
     num_devices, num_processes = jax.device_count(), jax.process_count()
     config_checks.validate(config, num_devices, num_processes)
     t = config.training
 
-    # Data: which images carry labels is decided once, from the seed.
-    source = datasets.load_split(config, config.dataset.train_split)
+    # Data: which images carry labels is decided once, from the seed. Each process indexes
+    # its own share of the split once; the index is cached in the workdir.
+    root = workdir_path(workdir)
+    index_dir = str(root / "data_index")
+    source = datasets.load_split(config, config.dataset.train_split, index_dir)
     config_checks.validate(config, num_devices, num_processes, source.num_examples, source.num_classes)
     labelled = datasets.config_labelled_mask(config, source)
     steps_per_epoch = max(1, source.num_examples // t.batch_size)
@@ -154,7 +159,7 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
 
     # The run's identity, checked against the checkpoint before anything is written.
     meta = checkpointing.run_signature(config, source.num_classes, total_steps)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints,
+    ckpt = checkpointing.Checkpointer(root / "checkpoints", t.keep_checkpoints,
                                       t.checkpoint_every_steps, t.checkpoint_every_minutes)
     resume_step = ckpt.latest_step()
     if resume_step is not None:
@@ -164,8 +169,7 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
             ckpt.close()
             raise
     if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+        write_json_atomic(root / "config.json", config.to_dict())
     logging.info("devices: %d (%d local) on %d processes, platform %s; global batch %d, per device %d",
                  num_devices, jax.local_device_count(), num_processes, jax.devices()[0].platform,
                  t.batch_size, t.batch_size // num_devices)
@@ -183,15 +187,12 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
         logging.info("resumed from step %d of %s", resume_step, ckpt.directory)
     start_step = int(jax.device_get(state.step))
     end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
-    summary_path = os.path.join(workdir, "train_summary.json")
+    summary_path = root / "train_summary.json"
     if start_step >= end_step:  # nothing left to do: keep the finished run's summary
         ckpt.close()
         logging.info("step %d of %d already reached in %s: nothing to train", start_step, total_steps, workdir)
-        if os.path.exists(summary_path):
-            import json
-
-            with open(summary_path) as f:
-                return json.load(f)
+        if summary_path.exists():
+            return read_json(summary_path)
         return dict(step=start_step, total_steps=total_steps)
 
     transposed = config.views.transpose_images
@@ -214,8 +215,8 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
         previous_handler = signal.signal(signal.SIGTERM, on_signal)
 
     eval_every = t.eval_every_steps
-    online_knn = evaluation.OnlineKnn(config, source, labelled, mesh) if eval_every else None
-    writer = MetricWriter(workdir, resume_step=start_step) if is_main else None
+    online_knn = evaluation.OnlineKnn(config, source, labelled, mesh, index_dir) if eval_every else None
+    writer = MetricWriter(root, resume_step=start_step) if is_main else None
     progress = Progress(total_steps, start_step)
     step, scalars, t_log = start_step, {}, time.time()
     images_since_log = 0

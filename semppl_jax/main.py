@@ -3,7 +3,8 @@ r"""SemPPL launcher: ``python -m semppl_jax.main --config=experiments/x.py[:arg]
 Overrides: ``--config.training.batch_size=256`` etc. ``--mode=train`` (default)
 pretrains, resuming from ``DIR``'s latest checkpoint; ``--mode=eval`` runs the
 config's ``eval.protocol``; ``--mode=export`` writes ``DIR/pretrain.pkl``.
-Multi-host: ``--distributed`` (TPU VMs, SLURM) or the coordinator flags.
+Multi-host: ``--distributed`` (TPU VMs, Slurm: every GPU of the task is used,
+``distributed.py``) or the coordinator flags.
 A preempted run (SIGTERM) saves at a step all processes agree on and exits with
 status 75 (``jobs.PREEMPTED_EXIT_CODE``); rerun the same command to resume.
 """
@@ -36,15 +37,12 @@ _STOP_AFTER = flags.DEFINE_integer("stop_after", None,
 
 def main(argv) -> None:
     del argv
-    import jax
-
-    from semppl_jax import jobs
+    from semppl_jax import distributed, jobs
 
     logging.get_absl_handler().addFilter(jobs.QuietOrbax())
 
     if _DISTRIBUTED.value or _COORDINATOR.value:
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     if _MODE.value == "train":

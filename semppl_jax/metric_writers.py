@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
+from etils import epath
 
 
 class MetricWriter:
@@ -21,25 +20,26 @@ class MetricWriter:
 
     def __init__(self, workdir: str, filename: str = "metrics.jsonl", tensorboard: bool = True,
                  resume_step: int | None = None):
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, filename)
-        if resume_step is not None and os.path.exists(self.path):
+        workdir = epath.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.path = workdir / filename
+        if resume_step is not None and self.path.exists():
             kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
-            tmp = f"{self.path}.tmp"
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self.path)
-        self._file = open(self.path, "a", buffering=1)
+            tmp = workdir / f"{filename}.tmp"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self.path)
+        self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
             import tensorflow as tf
 
-            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+            self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         record = {"step": int(step)}
         record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
         self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
         if self._tb is not None:
             import tensorflow as tf
 
@@ -65,18 +65,9 @@ def _scalar_metadata():
     return meta.SerializeToString()
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Temporary file, then rename: a crash never leaves a truncated JSON behind."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str | epath.Path) -> list[dict]:
     """Records of a JSON-lines file; a torn last line (a crash mid-write) is skipped."""
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
+    lines = [line for line in epath.Path(path).read_text().splitlines() if line.strip()]
     records = []
     for i, line in enumerate(lines):
         try:

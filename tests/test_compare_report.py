@@ -94,7 +94,7 @@ def test_variant_report_pairs_each_variant_with_the_recipe_by_seed():
 def test_alpha0_twin_is_reused_only_for_the_same_pretraining(tmp_path):
     """An alpha = 0 encoder pretrained at one label fraction serves another only when every
     field that can change it is equal (an augmentation change included)."""
-    from semppl_jax.metric_writers import write_json_atomic
+    from semppl_jax.paths import write_json_atomic
 
     def config(fraction, *overrides):
         c = mnist5k.get_config(fraction)

@@ -1,6 +1,7 @@
 """Input pipelines: the JPEG path (mock ImageNet), image folders, label subsets,
 batch composition, determinism/resume and evaluation counting. Offline."""
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -25,8 +26,7 @@ def take(ds, n):
 def mock_imagenet():
     with tfds.testing.mock_data(num_examples=24):
         source = datasets.load_source("imagenet2012", "train")
-        names = datasets._collect(source.dataset, "file_name")[0]
-        yield source, [n.decode() for n in names]
+        yield source, [str(n) for n in source.file_names]
 
 
 def test_mock_imagenet_through_the_jpeg_path(mock_imagenet, tmp_path):
@@ -98,7 +98,8 @@ def test_image_folder_same_code_path(tmp_path):
     source = datasets.load_source(f"folder:{root}", "train")
     assert source.encoded and source.num_examples == 18 and source.num_classes == 3
     labelled = datasets.labelled_mask(source, "0.34", 0)  # 2 of 6 per class
-    true = datasets._collect(source.dataset, "true_label")[0]
+    true = np.array([r["true_label"] for r in source.records().as_numpy_iterator()])
+    assert np.array_equal(true, source.labels)  # the listing's labels are the records' labels
     assert np.bincount(true[labelled], minlength=3).tolist() == [2, 2, 2]
     config = small_views(tiny.get_config())
     batch = take(input_pipeline.train_dataset(source, labelled, config, 6, seed=1), 1)[0]
@@ -111,18 +112,18 @@ def test_image_folder_same_code_path(tmp_path):
 
 def test_image_folder_with_bad_files_trains_and_names_them(tmp_path):
     """A PNG is decoded; a truncated JPEG and a text file named .jpg are left out with a
-    warning naming each; ids stay contiguous; batches are deterministic."""
+    warning naming each; the other images keep their ids; batches are deterministic."""
     root = make_image_folder(tmp_path / "imgs")
     cat = root / "train" / "cat"
     img = np.random.default_rng(1).integers(0, 255, (28, 28, 3), dtype=np.uint8)
     (cat / "cat_png.png").write_bytes(tf.io.encode_png(img).numpy())
     (cat / "cat_truncated.jpg").write_bytes(tf.io.encode_jpeg(img).numpy()[:120])
     (cat / "cat_text.jpg").write_bytes(b"this is not an image")
-    source = datasets.load_source(f"folder:{root}", "train")
-    assert source.num_examples == 19  # 18 good JPEGs + the PNG
+    source = datasets.index_source(datasets.load_source(f"folder:{root}", "train"), validate=True)
+    assert source.num_ids == 21 and source.num_examples == 19  # 18 good JPEGs + the PNG
     assert sorted(n.split("/")[-1] for n in source.skipped) == ["cat_text.jpg", "cat_truncated.jpg"]
-    ids = datasets._collect(source.dataset, "image_id")[0]
-    assert sorted(ids.tolist()) == list(range(19))
+    ids = [r["image_id"] for r in source.records().as_numpy_iterator()]
+    assert ids == source.valid_ids().tolist() and len(ids) == 19
     labelled = datasets.labelled_mask(source, "0.5", 0)
     config = small_views(tiny.get_config())
     a = take(input_pipeline.train_dataset(source, labelled, config, 8, seed=1), 5)
@@ -199,7 +200,7 @@ def test_mnist5k_is_real_and_split_fixed():
     test = datasets.load_source("mnist5k", "test")
     assert train.num_examples == 4000 and test.num_examples == 1000
     assert np.bincount(train.labels).tolist() == [400] * 10
-    first = next(train.dataset.as_numpy_iterator())["image"]
+    first = next(train.records().as_numpy_iterator())["image"]
     assert first.shape == (28, 28, 3) and first.max() > 200 and (first == 0).mean() > 0.5  # a digit on black
 
 
@@ -219,7 +220,7 @@ def test_eval_keeps_its_batch_count_when_records_vanish_mid_read():
     dropped with a warning) still gives every process the same number of batches."""
     config = small_views(tiny.get_config())
     source = datasets.load_source("synthetic", "test", synthetic_size=280, synthetic_image_size=28)
-    short = datasets.Source(source.dataset.take(50), source.num_examples, source.num_classes, source.encoded)
+    short = dataclasses.replace(source, table=lambda ids: source.table(ids[ids < 50]))
     counts = [sum(1 for _ in input_pipeline.eval_dataset(short, config, 16, p, 2).as_numpy_iterator())
               for p in (0, 1)]
     assert counts == [3, 3]  # 35 per process -> 3 batches of 16, though process 1 gets only 15 records
