@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from synthetic_batch import random_batch  # noqa: E402
 
 from experiments import imagenet  # noqa: E402
-from semppl_jax import memory, update_step  # noqa: E402
+from semppl_jax import memory, sharding, update_step  # noqa: E402
 
 # Dense bf16 peak FLOP/s per chip (vendor figures).
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
@@ -56,9 +56,9 @@ def make_config(args, per_device: int):
 
 def compile_step(config, mesh):
     """(compiled step, state, batch, memory usage, FLOPs) for ``config`` on one device."""
-    state = update_step.replicate(update_step.init_state(config, jax.random.key(0), 1000, 10_000, 300), mesh)
-    batch = update_step.shard_batch(random_batch(config), mesh)
-    fn = update_step.shard_step(update_step.make_update_step(config, 1000, 10_000, 300), mesh)
+    state = sharding.replicate(update_step.init_state(config, jax.random.key(0), 1000, 10_000, 300), mesh)
+    batch = sharding.shard_batch(random_batch(config), mesh)
+    fn = sharding.shard_step(update_step.make_update_step(config, 1000, 10_000, 300), mesh)
     t = time.time()
     compiled = fn.lower(state, batch).compile()
     cost = compiled.cost_analysis()
@@ -118,7 +118,7 @@ def main() -> None:
     args = p.parse_args()
     t_start = time.time()
     device = jax.local_devices()[0]
-    mesh = update_step.make_mesh([device])
+    mesh = sharding.make_mesh([device])
     limit = memory.device_limit(device)
     candidates = sorted(int(x) for x in args.candidates.split(","))
     report = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__, dtype=args.dtype,

@@ -73,7 +73,8 @@ def launch(processes: int, folder: str, workdir: str, stop_after: int, outdir: s
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_DISABLE_MOST_OPTIMIZATIONS="true")
     args = ["--config=experiments/tiny.py", f"--config.dataset.name=folder:{folder}", f"--workdir={workdir}",
             "--config.training.num_steps=1000", "--config.training.log_every_steps=1000",
             "--config.training.checkpoint_every_minutes=600", "--config.training.checkpoint_every_steps=100000",

@@ -19,7 +19,7 @@ from synthetic_batch import random_batch
 from timing import seconds_per_call
 
 from experiments import tiny
-from semppl_jax import losses, update_step
+from semppl_jax import losses, sharding, update_step
 from semppl_jax import queue as pl_queue
 
 
@@ -44,21 +44,21 @@ def bare_step(config, num_classes):
                 preds.append(o2["prediction"].reshape(ns, b, -1))
             return -jnp.mean(jnp.einsum("ubd,vbd->", losses.l2_normalize(jnp.concatenate(preds)), t))
 
-        grads = jax.lax.pmean(jax.grad(loss_fn)(state.online_params), update_step.AXIS)
+        grads = jax.lax.pmean(jax.grad(loss_fn)(state.online_params), sharding.AXIS)
         return jax.tree.map(lambda p, g: p - 1e-3 * g, state.online_params, grads)
 
     return step
 
 
 def step_times(name, config, iters) -> list[dict]:
-    mesh = update_step.make_mesh(jax.devices()[:1])
-    batch = update_step.shard_batch(random_batch(config, 10), mesh)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    batch = sharding.shard_batch(random_batch(config, 10), mesh)
     init = jax.device_get(update_step.init_state(config, jax.random.key(0), 10, 100, 10))
     rows = []
     for label, alpha in (("SemPPL step", config.semppl.alpha), ("alpha = 0 step", 0.0)):
         config.semppl.alpha = alpha
-        fn = update_step.shard_step(update_step.make_update_step(config, 10, 100, 10), mesh)
-        holder = {"s": update_step.replicate(init, mesh)}  # the state is donated: feed each output back
+        fn = sharding.shard_step(update_step.make_update_step(config, 10, 100, 10), mesh)
+        holder = {"s": sharding.replicate(init, mesh)}  # the state is donated: feed each output back
 
         def loop(b, fn=fn):
             holder["s"], m = fn(holder["s"], b)
@@ -71,7 +71,7 @@ def step_times(name, config, iters) -> list[dict]:
 
     bare = jax.jit(jax.shard_map(bare_step(config, 10), mesh=mesh, in_specs=(P(), P("data")), out_specs=P(),
                                  check_vma=False))
-    state = update_step.replicate(init, mesh)
+    state = sharding.replicate(init, mesh)
     secs = seconds_per_call(bare, state, batch, iters=iters)
     rows.append(dict(setting=name, what="bare online+target fwd/bwd", sec_per_step=secs,
                      images_per_sec=config.training.batch_size / secs))

@@ -27,7 +27,7 @@ from synthetic_batch import random_batch
 from timing import seconds_per_call
 
 from experiments import imagenet
-from semppl_jax import losses, optim, update_step
+from semppl_jax import losses, optim, sharding, update_step
 from semppl_jax import queue as pl_queue
 
 
@@ -68,7 +68,7 @@ def bare_update(config, num_classes: int, total_steps: int):
             return -jnp.mean(jnp.einsum("ubd,vbd->", losses.l2_normalize(jnp.concatenate(preds)), t)), s
 
         grads, net_state = jax.grad(loss_fn, has_aux=True)(state.online_params)
-        grads = jax.lax.pmean(grads, update_step.AXIS)
+        grads = jax.lax.pmean(grads, sharding.AXIS)
         updates, opt_state = opt.update(grads, state.opt_state, state.online_params)
         online = jax.tree.map(lambda p, u: p + u, state.online_params, updates)
         target = optim.ema_update(state.target_params, online, tau(state.step))
@@ -133,11 +133,11 @@ def main() -> None:
         print(json.dumps(queue_timing(), indent=2))
         return
     config = make_config(args)
-    mesh = update_step.make_mesh(jax.local_devices()[:1])
-    state = update_step.replicate(jax.device_get(update_step.init_state(config, jax.random.key(0), 1000, 100, 10)),
+    mesh = sharding.make_mesh(jax.local_devices()[:1])
+    state = sharding.replicate(jax.device_get(update_step.init_state(config, jax.random.key(0), 1000, 100, 10)),
                                   mesh)
-    batch = update_step.shard_batch(random_batch(config), mesh)
-    semppl = update_step.shard_step(update_step.make_update_step(config, 1000, 100, 10), mesh)
+    batch = sharding.shard_batch(random_batch(config), mesh)
+    semppl = sharding.shard_step(update_step.make_update_step(config, 1000, 100, 10), mesh)
     bare = jax.jit(jax.shard_map(bare_update(config, 1000, 100), mesh=mesh, in_specs=(P(), P("data")),
                                  out_specs=(P(), P()), check_vma=False))
     rows = dict(semppl=analyse(semppl, state, batch), bare=analyse(bare, state, batch))

@@ -42,6 +42,7 @@ SHAPE_KEYS = tuple(f"model.{k}" for k in ARCH_FIELDS) + ("semppl.queue_size", "n
 # Fields that define the run's data, schedule and views: a change is refused unless
 # explicitly allowed (``--allow_config_change``).
 RUN_FIELDS = ("dataset.name", "dataset.train_split", "dataset.label_subset", "dataset.label_seed", "seed",
+              "dataset.labels_file", "dataset.unlabelled", "dataset.unlabelled_split",
               "training.batch_size", "views.num_large", "views.num_small", "views.large_size",
               "views.small_size")
 

@@ -35,6 +35,7 @@ SIMCLR_SUBSET_URL = ("https://raw.githubusercontent.com/google-research/simclr/m
                      "imagenet_subsets/{}")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 FOLDER_ORDER_SEED = 20230501  # ids of a folder: a fixed permutation of its sorted listing
+UNLABELLED_DIR = "unlabelled"  # in an image folder's split: images without a class
 
 
 @dataclasses.dataclass
@@ -59,6 +60,8 @@ class Source:
     readable: np.ndarray | None = None  # False: an undecodable image or a record lost from a damaged shard
     skipped: tuple[str, ...] = ()  # files left out because they could not be decoded
     lost_records: int = 0  # records the split's metadata lists but that could not be read
+    kind: str = "arrays"  # 'arrays', 'folder', 'tfds', 'concat': which sources can be concatenated how
+    class_names: tuple[str, ...] = ()  # by label, where the data names its classes
 
     @property
     def random_access(self) -> bool:
@@ -78,7 +81,8 @@ class Source:
 
     def records(self, ids: np.ndarray | None = None) -> tf.data.Dataset:
         """Records ``{image, true_label, image_id, file_name}`` of ``ids`` (sorted; all
-        readable ids if None), in id order, reading only what they need."""
+        readable ids if None), reading only what they need. The order is fixed: id order
+        for random-access sources, TFDS's reading order (shards interleaved) otherwise."""
         ids = self.valid_ids() if ids is None else np.asarray(ids, np.int64)
         if self.random_access:
             return tf.data.Dataset.from_tensor_slices(self.table(ids)).map(
@@ -161,50 +165,115 @@ def mnist5k_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, y[idx].astype(np.int32)
 
 
-def folder_source(root: str, split: str) -> Source:
-    """``root/<split>/<class>/**/<image>``: classes are the sorted directory names.
+def _walk_images(directory: str) -> list[str]:
+    """Paths of every image under ``directory`` (any nesting), relative to it."""
+    found = []
+    for dirpath, _, files in tf.io.gfile.walk(directory):
+        for f in files:
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(f"{dirpath.rstrip('/')}/{f}"[len(directory.rstrip('/')) + 1:])
+    return found
 
-    Only the listing is read here (names, no bytes); ids are a fixed permutation of the
-    sorted listing, so each process's contiguous share holds every class.
+
+def read_labels_csv(path: str) -> dict[str, str]:
+    """``file_name,class`` rows (a header row ``file_name,...`` is skipped) -> {base name: class}."""
+    import csv
+
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"dataset.labels_file: no such file {path!r}")
+    with tf.io.gfile.GFile(path) as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if rows and rows[0][0].strip().lower() in ("file_name", "filename", "file", "image"):
+        rows = rows[1:]
+    labels: dict[str, str] = {}
+    for i, row in enumerate(rows):
+        if len(row) < 2 or not row[1].strip():
+            raise ValueError(f"dataset.labels_file {path!r}, row {i + 1}: expected 'file_name,class', got {row}")
+        name, cls = os.path.basename(row[0].strip()), row[1].strip()
+        if labels.setdefault(name, cls) != cls:
+            raise ValueError(f"dataset.labels_file {path!r}: {name!r} is given two classes ({labels[name]!r}, {cls!r})")
+    if not labels:
+        raise ValueError(f"dataset.labels_file {path!r} labels no file")
+    return labels
+
+
+def folder_source(root: str, split: str | None, labels_file: str | None = None) -> Source:
+    """Images under ``root/<split>`` (``root`` itself if ``split`` is None), labelled by
+    their class directory, ``root/<split>/<class>/**/<image>`` (classes: the sorted
+    directory names), or by ``labels_file`` (a CSV of base names and classes; no class
+    directories needed). Images under ``unlabelled/``, or not in the CSV, carry no
+    label (``true_label`` -1). With ``split`` None and no CSV, every image is unlabelled.
+
+    Only the listing is read here (names, no bytes). Ids are a fixed permutation of the
+    listing sorted by base name, so each process's contiguous share holds every class,
+    and moving an image between a class directory and ``unlabelled/`` keeps its id.
     """
     if not tf.io.gfile.isdir(root):
         raise FileNotFoundError(f"dataset.name='folder:{root}': no such directory {root!r}")
-    splits = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(f"{root}/{d}"))
-    if split not in splits:
-        raise ValueError(f"image folder {root!r} has splits {splits}, not {split!r} "
-                         f"(expected {root}/{split}/<class>/*.jpg)")
-    split_dir = f"{root.rstrip('/')}/{split}"
-    classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(split_dir) if tf.io.gfile.isdir(f"{split_dir}/{d}"))
-    if not classes:
-        raise ValueError(f"image folder {split_dir!r} has no class directories")
-    rel, labels = [], []
-    for c, cls in enumerate(classes):
-        for dirpath, _, files in tf.io.gfile.walk(f"{split_dir}/{cls}"):
-            for f in files:
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    rel.append(f"{dirpath.rstrip('/')}/{f}"[len(split_dir) + 1:])
-                    labels.append(c)
+    root = root.rstrip("/")
+    if split is None:
+        top = root
+    else:
+        splits = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(f"{root}/{d}"))
+        if split not in splits:
+            raise ValueError(f"image folder {root!r} has splits {splits}, not {split!r} "
+                             f"(expected {root}/{split}/<class>/*.jpg)")
+        top = f"{root}/{split}"
+    rel: list[str] = []
+    labels: list[int] = []
+    if labels_file:
+        by_name = read_labels_csv(labels_file)
+        classes = sorted(set(by_name.values()))
+        rel = _walk_images(top)
+        labels = [classes.index(by_name[os.path.basename(r)]) if os.path.basename(r) in by_name else -1 for r in rel]
+        if not any(y >= 0 for y in labels):  # a CSV may cover several splits: each matches its own
+            raise ValueError(f"dataset.labels_file {labels_file!r}: none of its {len(by_name)} file names "
+                             f"matches an image under {top} (e.g. {sorted(by_name)[0]!r})")
+    elif split is None:
+        classes, rel = [], _walk_images(top)
+        labels = [-1] * len(rel)
+    else:
+        dirs = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(top) if tf.io.gfile.isdir(f"{top}/{d}"))
+        classes = [d for d in dirs if d != UNLABELLED_DIR]
+        loose = [f for f in tf.io.gfile.listdir(top) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if loose:
+            raise ValueError(f"image folder {top!r} has {len(loose)} images outside any directory (e.g. "
+                             f"{loose[0]!r}): put each under <class>/ or {UNLABELLED_DIR}/, or label them with "
+                             f"dataset.labels_file")
+        if not classes:
+            raise ValueError(f"image folder {top!r} has no class directories (only {UNLABELLED_DIR}/ or nothing); "
+                             f"label some images with class directories or dataset.labels_file")
+        for c, cls in enumerate(classes):
+            found = _walk_images(f"{top}/{cls}")
+            rel += [f"{cls}/{r}" for r in found]
+            labels += [c] * len(found)
+        if UNLABELLED_DIR in dirs:
+            found = _walk_images(f"{top}/{UNLABELLED_DIR}")
+            rel += [f"{UNLABELLED_DIR}/{r}" for r in found]
+            labels += [-1] * len(found)
     if not rel:
-        raise ValueError(f"image folder {split_dir!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
-    order = np.argsort(np.array(rel))
-    order = order[np.random.default_rng(FOLDER_ORDER_SEED).permutation(len(order))]
+        raise ValueError(f"image folder {top!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
+    order = sorted(range(len(rel)), key=lambda i: (os.path.basename(rel[i]), rel[i]))
+    order = np.array(order)[np.random.default_rng(FOLDER_ORDER_SEED).permutation(len(order))]
     rel_names = np.array(rel)[order]
-    paths = np.array([f"{split_dir}/{r}" for r in rel_names])
-    labels = np.array(labels, np.int32)[order]
-    listing = hashlib.sha1("\n".join(f"{r}\t{y}" for r, y in zip(rel_names, labels)).encode()).hexdigest()
+    paths = np.array([f"{top}/{r}" for r in rel_names])
+    labels_arr = np.array(labels, np.int32)[order]
+    listing = hashlib.sha1("\n".join(f"{r}\t{y}" for r, y in zip(rel_names, labels_arr)).encode()).hexdigest()
 
     def table(ids: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(image_ref=paths[ids], true_label=labels[ids], image_id=ids.astype(np.int32),
+        return dict(image_ref=paths[ids], true_label=labels_arr[ids], image_id=ids.astype(np.int32),
                     file_name=rel_names[ids])
 
-    def load(ex: dict) -> dict:
-        ex = dict(ex)
-        ex["image"] = tf.io.read_file(ex.pop("image_ref"))
-        return ex
+    return Source(f"folder:{root}", split or "", len(paths), max(len(classes), 1), True,
+                  dict(name=f"folder:{root}", split=split, n=len(paths), listing=listing, classes=classes),
+                  table=table, load=_read_file, labels=labels_arr, file_names=rel_names, kind="folder",
+                  class_names=tuple(classes))
 
-    return Source(f"folder:{root}", split, len(paths), len(classes), True,
-                  dict(name=f"folder:{root}", split=split, n=len(paths), listing=listing),
-                  table=table, load=load, labels=labels, file_names=rel_names)
+
+def _read_file(ex: dict) -> dict:
+    ex = dict(ex)
+    ex["image"] = tf.io.read_file(ex.pop("image_ref"))
+    return ex
 
 
 def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
@@ -220,6 +289,8 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
         raise ValueError(f"TFDS dataset {name!r} has no split {split!r} (splits: "
                          f"{sorted(builder.info.splits)})") from e
     name_key = "file_name" if "file_name" in builder.info.features else None
+    has_label = "label" in builder.info.features  # a dataset of unlabelled images may have none
+    num_classes = builder.info.features["label"].num_classes if has_label else 0
     base_split, offset = _split_base_and_offset(split)
     shard_starts = tf.constant(np.concatenate([[0], np.cumsum(builder.info.splits[base_split].shard_lengths)]),
                                tf.int64)
@@ -242,16 +313,18 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
             else:  # mocked data has no files
                 position = i + lo
             file_name = ex[name_key] if name_key else tf.strings.as_string(position)
-            return dict(image=ex["image"], true_label=tf.cast(ex["label"], tf.int32),
-                        image_id=tf.cast(position, tf.int32), file_name=file_name)
+            label = tf.cast(ex["label"], tf.int32) if has_label else tf.constant(-1, tf.int32)
+            return dict(image=ex["image"], true_label=label, image_id=tf.cast(position, tf.int32),
+                        file_name=file_name)
 
         return ds.ignore_errors(log_warning=True).enumerate().map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
     shards = [int(n) for n in builder.info.splits[base_split].shard_lengths]
     identity = dict(name=name, split=split, n=num, version=str(builder.info.version),
                     data_dir=str(builder.data_dir), shards=shards)
-    return Source(name, split, num, builder.info.features["label"].num_classes, True, identity,
-                  read_range=read_range)
+    names = tuple(builder.info.features["label"].names) if has_label else ()
+    return Source(name, split, num, num_classes, True, identity, read_range=read_range, kind="tfds",
+                  class_names=names)
 
 
 def _unsized_tfds_source(builder: Any, name: str, split: str, data_dir: str | None) -> Source:
@@ -288,7 +361,7 @@ def _split_base_and_offset(split: str) -> tuple[str, int]:
 
 
 def load_source(name: str, split: str, data_dir: str | None = None, synthetic_size: int = 512,
-                synthetic_image_size: int = 40, seed: int = 0) -> Source:
+                synthetic_image_size: int = 40, seed: int = 0, labels_file: str | None = None) -> Source:
     """Resolves ``dataset.name`` to a :class:`Source` for ``split`` (no image is read)."""
     if name == "synthetic":
         num = synthetic_size if split == "train" else max(synthetic_size // 4, 10)
@@ -298,16 +371,77 @@ def load_source(name: str, split: str, data_dir: str | None = None, synthetic_si
         images, labels = mnist5k_arrays(split)
         return array_source(images, labels, 10, "mnist5k", split)
     if name.startswith("folder:"):
-        return folder_source(name[len("folder:"):], split)
+        return folder_source(name[len("folder:"):], split, labels_file)
+    if labels_file:
+        raise ValueError(f"dataset.labels_file labels an image folder; {name!r} is not one")
     return tfds_source(name, split, data_dir)
 
 
+def load_unlabelled(name: str, split: str, data_dir: str | None = None) -> Source:
+    """``dataset.unlabelled``: every image under ``folder:/path`` (any nesting), or a TFDS
+    dataset's ``split``; labels, if any, are dropped."""
+    if name.startswith("folder:"):
+        return folder_source(name[len("folder:"):], None)
+    source = tfds_source(name, split, data_dir)
+    return dataclasses.replace(source, read_range=lambda lo, hi: source.read_range(lo, hi).map(
+        lambda ex: dict(ex, true_label=tf.constant(-1, tf.int32))))
+
+
+def concat_sources(labelled: Source, unlabelled: Source) -> Source:
+    """``unlabelled``'s images after ``labelled``'s (ids offset by ``labelled.num_ids``), without labels."""
+    if labelled.encoded != unlabelled.encoded:
+        raise ValueError(f"dataset.unlabelled: {unlabelled.name!r} holds {'encoded' if unlabelled.encoded else 'raw'} "
+                         f"images, {labelled.name!r} does not; both must be image files or both arrays")
+    n = labelled.num_ids
+    known = labelled.labels is not None and unlabelled.file_names is not None and labelled.file_names is not None
+    labels = np.concatenate([labelled.labels, np.full(unlabelled.num_ids, -1, np.int32)]) if known else None
+    names = np.concatenate([labelled.file_names.astype(str), unlabelled.file_names.astype(str)]) if known else None
+    identity = dict(labelled=labelled.identity, unlabelled=unlabelled.identity)
+    common = dict(name=labelled.name, split=labelled.split, num_ids=n + unlabelled.num_ids,
+                  num_classes=labelled.num_classes, encoded=labelled.encoded, identity=identity, labels=labels,
+                  file_names=names, kind="concat", class_names=labelled.class_names)
+    if labelled.kind == unlabelled.kind == "folder":  # both random access with the same reader
+        def table(ids: np.ndarray) -> dict[str, np.ndarray]:
+            ids = np.asarray(ids)
+            first = ids < n
+            a, b = labelled.table(ids[first]), unlabelled.table(ids[~first] - n)
+            b = dict(b, image_id=(b["image_id"] + n).astype(np.int32), true_label=np.full(len(b["image_id"]), -1,
+                                                                                        np.int32))
+            back = np.argsort(np.concatenate([np.flatnonzero(first), np.flatnonzero(~first)]), kind="stable")
+            return {k: np.concatenate([a[k], b[k]])[back] for k in a}
+
+        return Source(table=table, load=labelled.load, **common)
+
+    def reader(source: Source) -> Callable[[int, int], tf.data.Dataset]:
+        return source.read_range or (lambda lo, hi: source.records(np.arange(lo, hi)))
+
+    def read_range(lo: int, hi: int) -> tf.data.Dataset:
+        parts = []
+        if lo < n:
+            parts.append(reader(labelled)(lo, min(hi, n)))
+        if hi > n:
+            parts.append(reader(unlabelled)(max(lo, n) - n, hi - n).map(
+                lambda ex: dict(ex, image_id=ex["image_id"] + n, true_label=tf.constant(-1, tf.int32))))
+        ds = parts[0]
+        for part in parts[1:]:
+            ds = ds.concatenate(part)
+        return ds
+
+    return Source(read_range=read_range, **common)
+
+
 def load_split(config: Any, split: str, index_dir: str | None = None, labels_needed: bool = True) -> Source:
-    """``load_source`` for ``split`` with the config's dataset fields, indexed (see
-    :func:`index_source`; cached under ``index_dir`` when given)."""
+    """``load_source`` for ``split`` with the config's dataset fields (and, for the training
+    split, ``dataset.unlabelled`` after it), indexed (see :func:`index_source`; cached under
+    ``index_dir`` when given)."""
     d = config.dataset
-    source = load_source(d.name, split, d.data_dir, d.synthetic_size, d.synthetic_image_size, config.seed)
+    source = load_source(d.name, split, d.data_dir, d.synthetic_size, d.synthetic_image_size, config.seed,
+                         d.labels_file)
     validate = d.validate_images if d.validate_images is not None else d.name.startswith("folder:")
+    if d.unlabelled and split == d.train_split:
+        extra = load_unlabelled(d.unlabelled, d.unlabelled_split, d.data_dir)
+        source = concat_sources(source, extra)
+        validate = validate or d.unlabelled.startswith("folder:")
     return index_source(source, validate, index_dir, labels_needed)
 
 
@@ -545,7 +679,7 @@ def labelled_mask(source: Source, spec: str, seed: int, cache_dir: str | None = 
     wanted = read_subset_list(path)
     base = np.array([os.path.basename(str(n)) for n in source.file_names])
     listed = np.isin(base, np.array(sorted(wanted)))
-    mask = listed & readable
+    mask = listed & readable & (source.labels >= 0)  # an image without a class cannot be labelled
     missing = len(wanted) - int(mask.sum())
     unreadable = source.num_unreadable
     if missing > unreadable:

@@ -17,13 +17,22 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.dataset = ml_collections.ConfigDict(dict(
         # 'imagenet2012', 'mnist5k' (embedded real digits), 'synthetic', any TFDS
-        # image-classification name, or 'folder:/path/to/root' (root/<split>/<class>/*).
+        # image-classification name, or 'folder:/path/to/root' (root/<split>/<class>/*;
+        # images under root/<split>/unlabelled/ carry no label).
         name="synthetic",
+        # A CSV of 'file_name,class' labelling a folder's images by base name (no class
+        # directories needed; images it does not list carry no label).
+        labels_file=ml_collections.FieldReference(None, field_type=str),
+        # More training images without labels, after the split's: 'folder:/path' (every
+        # image under it, any nesting) or a TFDS name (its unlabelled_split; labels ignored).
+        unlabelled=ml_collections.FieldReference(None, field_type=str),
+        unlabelled_split="train",
         data_dir=ml_collections.FieldReference(None, field_type=str),
         train_split="train",
         eval_split="test",
         # '1pct' / '10pct' (SimCLR's ImageNet lists), a path to a list of file
-        # names, or a fraction such as '0.1' (class-stratified, seeded).
+        # names, or a fraction such as '0.1' (class-stratified, seeded) of the images that
+        # have a class: '1.0' labels every image that has one (own data with unlabelled/).
         label_subset="0.1",
         label_seed=0,
         subset_cache_dir=ml_collections.FieldReference(None, field_type=str),

@@ -23,9 +23,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from semppl_jax import augment, datasets, input_pipeline, networks, update_step
+from semppl_jax import augment, datasets, input_pipeline, networks, sharding, update_step
 from semppl_jax.paths import workdir_path
-from semppl_jax.update_step import AXIS
+from semppl_jax.sharding import AXIS
 
 HEAD = "eval_head"
 
@@ -150,10 +150,10 @@ def make_eval_step(net: hk.TransformedWithState):
     return step
 
 
-def make_embed_step(net: hk.TransformedWithState):
+def make_embed_step(net: hk.TransformedWithState, key: str = "label"):
     def step(params, net_state, batch):
         (emb, _), _ = net.apply(params, net_state, None, augment.preprocess_eval(batch["image"]), False)
-        return emb, batch["label"], batch["mask"]
+        return emb, batch[key], batch["mask"]
 
     return step
 
@@ -169,7 +169,7 @@ def _eval_batches(source: datasets.Source, config: Any, mesh, max_examples: int 
     ds = input_pipeline.eval_dataset(source, config, local_batch, jax.process_index(), jax.process_count(),
                                      max_examples, ids)
     for batch in ds.as_numpy_iterator():
-        yield update_step.shard_batch(batch, mesh)
+        yield sharding.shard_batch(batch, mesh)
 
 
 def test_accuracy(net, params, net_state, source, config, mesh, max_examples=None) -> dict:
@@ -193,6 +193,23 @@ def embed(net, params, net_state, source, config, mesh, max_examples=None, ids=N
         embs.append(e[m])
         labels.append(y[m])
     return np.concatenate(embs), np.concatenate(labels)
+
+
+def embed_local(net, params, net_state, source, config, mesh, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and image ids of this process's part of ``ids`` (not gathered: each
+    process keeps its own rows, so nothing the size of the split lands on one host)."""
+    step = _sharded(make_embed_step(net, "image_id"), mesh, (P(), P(), P(AXIS)), (P(AXIS), P(AXIS), P(AXIS)))
+
+    def local(a: jax.Array) -> np.ndarray:
+        shards = sorted(a.addressable_shards, key=lambda s: s.index[0].start or 0)
+        return np.concatenate([np.asarray(s.data) for s in shards])
+
+    embs, got = [], []
+    for batch in _eval_batches(source, config, mesh, ids=ids):
+        e, i, m = (local(a) for a in step(params, net_state, batch))
+        embs.append(e[m])
+        got.append(i[m])
+    return np.concatenate(embs), np.concatenate(got)
 
 
 def knn_classify(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray, num_classes: int,
@@ -254,6 +271,15 @@ def pixel_knn(config: Any, train_source=None, labelled: np.ndarray | None = None
 def train_classifier(config: Any, train_source, labelled: np.ndarray, test_source, mesh,
                      pretrained: tuple[dict, dict] | None, protocol: str) -> dict:
     """Fine-tune (encoder + head) or linear (frozen encoder) training, then test accuracy."""
+    net, state, result = fit_classifier(config, train_source, labelled, mesh, pretrained, protocol)
+    accuracy = test_accuracy(net, state.params, state.net_state, test_source, config, mesh)
+    return dict(accuracy, **result)
+
+
+def fit_classifier(config: Any, train_source, labelled: np.ndarray, mesh, pretrained: tuple[dict, dict] | None,
+                   protocol: str) -> tuple[hk.TransformedWithState, ClassifierState, dict]:
+    """The classifier trained by ``protocol``: 'finetune' moves the encoder and its BN
+    statistics, 'linear' only the head (the encoder runs in inference mode)."""
     e = config.eval
     frozen = protocol == "linear"
     net = make_classifier(config.model, train_source.num_classes, AXIS)
@@ -274,7 +300,7 @@ def train_classifier(config: Any, train_source, labelled: np.ndarray, test_sourc
     if frozen:  # only the head moves
         labels_tree = {m: {n: ("head" if m.startswith(HEAD) else "frozen") for n in v} for m, v in params.items()}
         tx = optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels_tree)
-    state = update_step.replicate(ClassifierState(params, net_state, tx.init(params), jnp.zeros((), jnp.int32),
+    state = sharding.replicate(ClassifierState(params, net_state, tx.init(params), jnp.zeros((), jnp.int32),
                                                   jax.random.key_data(key)), mesh)
     step = _sharded(make_train_step(net, tx, frozen, config.eval.flip), mesh, (P(), P(AXIS)), (P(), P()), (0,))
     view_cfg = copy.deepcopy(config)
@@ -288,14 +314,12 @@ def train_classifier(config: Any, train_source, labelled: np.ndarray, test_sourc
     loss = float("nan")
     for i in range(total):
         b = next(it)
-        batch = update_step.shard_batch(dict(image=b["large"][:, 0], label=b["label"]), mesh)
+        batch = sharding.shard_batch(dict(image=b["large"][:, 0], label=b["label"]), mesh)
         state, m = step(state, batch)
         if (i + 1) % max(1, total // 10) == 0 or i + 1 == total:
             loss = float(jax.device_get(m["loss"]))
             logging.info("%s [%d/%d] train loss %.4f", protocol, i + 1, total, loss)
-    result = test_accuracy(net, state.params, state.net_state, test_source, config, mesh)
-    result.update(train_loss=loss, train_examples=num_train, steps=total)
-    return result
+    return net, state, dict(train_loss=loss, train_examples=num_train, steps=total)
 
 
 class OnlineKnn:
@@ -311,7 +335,7 @@ class OnlineKnn:
 
     def __call__(self, online_params: dict, online_state: dict) -> dict:
         params = {m: v for m, v in online_params.items() if m not in ("projector", "predictor", "classifier")}
-        params.update(update_step.replicate(self._head, self._mesh))
+        params.update(sharding.replicate(self._head, self._mesh))
         result = knn_eval(self._net, params, online_state, self._train, self._labelled, self._test, self._config,
                           self._mesh, self._config.training.eval_max_examples)
         return {"knn_top1": result["top1"], "knn_top5": result["top5"]}

@@ -16,6 +16,30 @@ import numpy as np
 from etils import epath
 
 REQUIRED = ("online_params", "online_state")
+# What a released-format pickle may construct: numpy arrays, dtypes and scalars, and
+# mappings. Anything else (e.g. ``os.system`` via ``__reduce__``) is refused unread.
+SAFE_GLOBALS = {
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+     ("numpy._core.numeric", "_frombuffer"), ("collections", "OrderedDict"),
+     ("haiku._src.data_structures", "FlatMap"), ("haiku._src.data_structures", "FlatMapping"),
+     ("haiku._src.data_structures", "to_haiku_dict")}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: a pretrain.pkl holds only arrays and "
+                                         f"mappings, and loading anything else could run code")
+        return super().find_class(module, name)
+
+
+def _safe_loads(data: bytes) -> Any:
+    import io
+
+    return _ArraysOnly(io.BytesIO(data)).load()
 
 
 def _numpy_tree(tree: Any, add_replica_axis: bool) -> dict:
@@ -53,7 +77,7 @@ def load_pretrain_pkl(path: str) -> tuple[dict, dict, int]:
     if not path.exists():
         raise FileNotFoundError(f"no released-format checkpoint at {str(path)!r}")
     try:
-        payload = pickle.loads(path.read_bytes())
+        payload = _safe_loads(path.read_bytes())
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
         raise ValueError(f"{path!r} is not a readable pretrain.pkl (truncated or corrupt?): {e!r}") from e
     if not isinstance(payload, dict) or not isinstance(payload.get("experiment_state"), dict):

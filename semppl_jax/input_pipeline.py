@@ -210,11 +210,15 @@ def _fixed_labelled_mix(source: Source, ids: np.ndarray, labelled: np.ndarray, p
 def eval_dataset(source: Source, config: Any, local_batch: int, process_index: int = 0,
                  process_count: int = 1, max_examples: int | None = None,
                  ids: np.ndarray | None = None) -> tf.data.Dataset:
-    """Centre crops of ``ids`` (every readable image if None; the first ``max_examples``),
+    """Centre crops of ``ids`` (every readable image with a class if None; the first ``max_examples``),
     every one exactly once over all processes, each reading its own contiguous part.
     The last batch is padded, and ``mask`` marks real examples, so metrics divide by
     true counts."""
-    ids = source.valid_ids() if ids is None else np.asarray(ids)
+    if ids is None:  # every readable image that has a class (one without has nothing to be scored against)
+        ids = source.valid_ids()
+        if source.labels is not None:
+            ids = ids[source.labels[ids] >= 0]
+    ids = np.asarray(ids)
     if max_examples is not None:
         ids = ids[:max_examples]
     part = np.array_split(ids, process_count)[process_index]

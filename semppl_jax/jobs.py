@@ -20,6 +20,7 @@ import math
 import signal
 import time
 
+import numpy as np
 from absl import logging
 
 from semppl_jax.paths import read_json, workdir_path
@@ -87,7 +88,7 @@ def evaluate(config, workdir: str) -> dict:
     """Runs ``config.eval.protocol``; writes and prints ``workdir/eval_results.json``."""
     import jax
 
-    from semppl_jax import config_checks, datasets, evaluation, update_step
+    from semppl_jax import config_checks, datasets, evaluation, sharding
     from semppl_jax.paths import write_json_atomic
 
     e = config.eval
@@ -101,14 +102,14 @@ def evaluate(config, workdir: str) -> dict:
     labelled = datasets.config_labelled_mask(config, train_source)
     checkpoint = e.checkpoint or workdir
     pretrained = None if checkpoint == "scratch" else evaluation.load_pretrained(checkpoint, config)
-    mesh = update_step.make_mesh()
+    mesh = sharding.make_mesh()
     if e.protocol == "knn":
         if pretrained is None:
             raise ValueError("config.eval.checkpoint: k-NN needs a pretrained encoder, not 'scratch'")
         net = evaluation.make_classifier(config.model, train_source.num_classes, None)
         size = config.views.eval_size
         params, net_state = net.init(jax.random.key(0), jax.numpy.zeros((2, size, size, 3)), True)
-        params, net_state = update_step.replicate(
+        params, net_state = sharding.replicate(
             evaluation.transplant(params, net_state, pretrained.params, pretrained.state), mesh)
         result = evaluation.knn_eval(net, params, net_state, train_source, labelled, test_source, config, mesh,
                                      e.max_test_examples)
@@ -136,7 +137,16 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
     """
     import jax
 
-    from semppl_jax import checkpointing, config_checks, datasets, evaluation, input_pipeline, memory, update_step
+    from semppl_jax import (
+        checkpointing,
+        config_checks,
+        datasets,
+        evaluation,
+        input_pipeline,
+        memory,
+        sharding,
+        update_step,
+    )
     from semppl_jax.metric_writers import MetricWriter, Progress
     from semppl_jax.paths import write_json_atomic
 
@@ -178,8 +188,8 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
                  source.num_classes, labelled.sum(), 100 * labelled.mean(), total_steps, steps_per_epoch)
 
     # State: fresh, or the latest checkpoint of this workdir.
-    mesh = update_step.make_mesh()
-    state = update_step.replicate(
+    mesh = sharding.make_mesh()
+    state = sharding.replicate(
         update_step.init_state(config, jax.random.key(config.seed), source.num_classes, total_steps,
                                steps_per_epoch), mesh)
     if resume_step is not None:
@@ -196,7 +206,7 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
         return dict(step=start_step, total_steps=total_steps)
 
     transposed = config.views.transpose_images
-    step_fn = update_step.shard_step(
+    step_fn = sharding.shard_step(
         update_step.make_update_step(config, source.num_classes, total_steps, steps_per_epoch), mesh, transposed)
     train_ds = input_pipeline.train_dataset(source, labelled, config, local_batch, config.seed,
                                             jax.process_index(), num_processes, start_step)
@@ -217,6 +227,8 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
     eval_every = t.eval_every_steps
     online_knn = evaluation.OnlineKnn(config, source, labelled, mesh, index_dir) if eval_every else None
     writer = MetricWriter(root, resume_step=start_step) if is_main else None
+    class_writer = MetricWriter(root, "per_class.jsonl", False, start_step) if is_main else None
+    per_class = None  # leave-own-out k-NN hits and votes per class since the last log, on device
     progress = Progress(total_steps, start_step)
     step, scalars, t_log = start_step, {}, time.time()
     images_since_log = 0
@@ -224,7 +236,7 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
     collapse_warned = False
     try:
         while step < end_step:
-            batch = update_step.shard_batch(next(batches), mesh, transposed)
+            batch = sharding.shard_batch(next(batches), mesh, transposed)
             if compiled is None:  # compile once, explicitly, to check memory before the first step
                 t_compile = time.time()
                 compiled = step_fn.lower(state, batch).compile()
@@ -232,6 +244,9 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
                 logging.info("compiled the update step in %.1fs; %s", time.time() - t_compile, memory.report(usage))
                 memory.check_fits(usage, memory.device_limit(jax.local_devices()[0]), config, num_devices)
             state, metrics = compiled(state, batch)
+            metrics = dict(metrics)
+            loo = metrics.pop("loo_per_class")
+            per_class = loo if per_class is None else per_class + loo  # asynchronous: no host sync
             step += 1
             images_since_log += t.batch_size
             preempted = local_signal["signal"] is not None or ckpt.reached_preemption(step)
@@ -244,6 +259,13 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
                     raise FloatingPointError(f"non-finite state or loss at step {step} (not saved): {scalars}")
                 if eval_due:
                     scalars.update(online_knn(state.online_params, state.online_state))
+                hits, votes = jax.device_get(per_class)
+                per_class = None
+                voted = votes > 0
+                if voted.any():  # the class whose labelled images the queue votes worst, since the last log
+                    scalars["loo_knn_accuracy_worst_class"] = float(np.min(hits[voted] / votes[voted]))
+                if class_writer:
+                    class_writer.write_arrays(step, loo_knn_correct=hits, loo_knn_voted=votes)
                 now = time.time()
                 scalars["images_per_sec"] = images_since_log / max(now - t_log, 1e-9)
                 scalars["step_time_sec"] = (now - t_log) * t.batch_size / max(images_since_log, 1)
@@ -251,10 +273,12 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
                 t_log, images_since_log = now, 0
                 if writer:
                     writer.write(step, scalars)
-                logging.info("%s | loss %.4f l_augm/log(B) %.3f emb-std %.4f pl-acc %.3f queue %.2f lr %.4f%s",
+                logging.info("%s | loss %.4f l_augm/log(B) %.3f emb-std %.4f loo-knn %.3f pl-share %.3f "
+                             "pl-acc(hidden labels) %.3f queue %.2f lr %.4f%s",
                              progress.line(step, progress.rate(step)), scalars["loss"], scalars["l_augm_ratio"],
-                             scalars["embedding_std"], scalars["pseudo_label_accuracy"], scalars["queue_fill"],
-                             scalars["learning_rate"],
+                             scalars["embedding_std"], scalars["loo_knn_accuracy"],
+                             scalars["pseudo_label_vote_share"], scalars["pseudo_label_accuracy"],
+                             scalars["queue_fill"], scalars["learning_rate"],
                              f" knn-top1 {scalars['knn_top1']:.3f}" if "knn_top1" in scalars else "")
                 if step > warmup_steps:  # metrics are all-reduced: every process decides alike
                     collapsed = collapse_signals(scalars, config.model.projection_size, t)
@@ -279,6 +303,7 @@ def train(config, workdir: str, stop_after: int | None = None, allow_config_chan
         ckpt.close()  # waits for an async save in flight
         if writer:
             writer.close()
+            class_writer.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
     summary = dict(step=step, total_steps=total_steps, **scalars)

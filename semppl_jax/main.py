@@ -2,7 +2,8 @@ r"""SemPPL launcher: ``python -m semppl_jax.main --config=experiments/x.py[:arg]
 
 Overrides: ``--config.training.batch_size=256`` etc. ``--mode=train`` (default)
 pretrains, resuming from ``DIR``'s latest checkpoint; ``--mode=eval`` runs the
-config's ``eval.protocol``; ``--mode=export`` writes ``DIR/pretrain.pkl``.
+config's ``eval.protocol``; ``--mode=export`` writes ``DIR/pretrain.pkl``;
+``--mode=pseudo_label`` writes every unlabelled image's k-NN label (``pseudo_labels.py``).
 Multi-host: ``--distributed`` (TPU VMs, Slurm: every GPU of the task is used,
 ``distributed.py``) or the coordinator flags.
 A preempted run (SIGTERM) saves at a step all processes agree on and exits with
@@ -24,9 +25,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (mu
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (automatic on TPU VMs and SLURM).")
 
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "pseudo_label"],
                           "train: pretrain/resume; eval: the config's eval.protocol; "
-                          "export: write WORKDIR/pretrain.pkl in the released format.")
+                          "export: write WORKDIR/pretrain.pkl in the released format; "
+                          "pseudo_label: write every unlabelled image's k-NN label to WORKDIR/pseudo_labels.csv.")
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
                                    "Resume even though fields that define the run (data, labels, seeds, batch, "
                                    "schedule, views) differ from the checkpoint's. Shapes may never change.")
@@ -54,6 +56,10 @@ def main(argv) -> None:
             sys.exit(jobs.PREEMPTED_EXIT_CODE)
     elif _MODE.value == "eval":
         jobs.evaluate(_CONFIG.value, _WORKDIR.value)
+    elif _MODE.value == "pseudo_label":
+        from semppl_jax import pseudo_labels
+
+        pseudo_labels.write_pseudo_labels(_CONFIG.value, _WORKDIR.value)
     else:
         jobs.export(_CONFIG.value, _WORKDIR.value)
 

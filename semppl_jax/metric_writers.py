@@ -50,6 +50,12 @@ class MetricWriter:
                                          metadata=_scalar_metadata())
             self._tb.flush()
 
+    def write_arrays(self, step: int, **arrays: np.ndarray) -> None:
+        """One JSON object of per-class (or other) arrays for ``step``, JSON-lines only."""
+        record = {"step": int(step), **{k: np.asarray(v).tolist() for k, v in arrays.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:

@@ -120,15 +120,15 @@ def weighted_vote(labels: jax.Array, weights: jax.Array, valid: jax.Array, num_c
     return jnp.where(has_any, winner, -1).astype(jnp.int32), jnp.where(has_any, win_mean, 0.0)
 
 
-def knn_vote(queue: QueueState, queries: jax.Array, k: int, num_classes: int, approx: bool = False
-             ) -> tuple[jax.Array, jax.Array]:
-    """k-NN majority vote of normalised ``queries`` [n, D] over the filled queue entries.
-
-    k = 1 is an argmax (no sort over the C entries); ``approx`` uses
-    ``lax.approx_max_k`` (TPU's fast partial reduction; exact on CPU/GPU).
-    """
+def _neighbours(queue: QueueState, queries: jax.Array, k: int, approx: bool = False,
+                exclude_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Labels, similarities and validity ``[n, k]`` of each query's k nearest filled
+    entries, leaving out the entries of ``exclude_ids`` (the query's own image)."""
     sims = queries.astype(jnp.float32) @ queue.embeddings.T  # cosine: both sides normalised
-    masked = jnp.where((queue.labels >= 0)[None, :], sims, -jnp.inf)
+    usable = (queue.labels >= 0)[None, :]
+    if exclude_ids is not None:
+        usable = usable & (queue.ids[None, :] != exclude_ids[:, None])
+    masked = jnp.where(usable, sims, -jnp.inf)
     if k == 1:
         top_idx = jnp.argmax(masked, axis=-1)[:, None]
         top_sims = jnp.take_along_axis(masked, top_idx, axis=-1)
@@ -137,19 +137,64 @@ def knn_vote(queue: QueueState, queries: jax.Array, k: int, num_classes: int, ap
     else:
         top_sims, top_idx = jax.lax.top_k(masked, k)
     valid = jnp.isfinite(top_sims)
-    return weighted_vote(queue.labels[top_idx], jnp.where(valid, top_sims, 0.0), valid, num_classes)
+    return queue.labels[top_idx], jnp.where(valid, top_sims, 0.0), valid
+
+
+def knn_vote(queue: QueueState, queries: jax.Array, k: int, num_classes: int, approx: bool = False,
+             exclude_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """k-NN majority vote of normalised ``queries`` [n, D] over the filled queue entries.
+
+    k = 1 is an argmax (no sort over the C entries); ``approx`` uses
+    ``lax.approx_max_k`` (TPU's fast partial reduction; exact on CPU/GPU).
+    """
+    labels, sims, valid = _neighbours(queue, queries, k, approx, exclude_ids)
+    return weighted_vote(labels, sims, valid, num_classes)
+
+
+class Votes(NamedTuple):
+    """One k-NN pseudo-label per image, and how sure the vote was (no ground truth needed)."""
+
+    label: jax.Array  # [n] the mode of the views' votes (-1: the queue is empty)
+    share: jax.Array  # [n] the label's share of all L x k neighbours
+    margin: jax.Array  # [n] that share less the runner-up class's
+    agreement: jax.Array  # [n] fraction of views whose own vote is the label
+
+
+def vote(queue: QueueState, queries: jax.Array, k: int, num_classes: int, approx: bool = False,
+         exclude_ids: jax.Array | None = None) -> Votes:
+    """Per-view k-NN votes of ``queries`` [L, n, D] -> :class:`Votes`.
+
+    Views that disagree equally are settled by the larger mean similarity of the
+    view's winning neighbours. ``exclude_ids`` [n] leaves each image's own entries
+    out (a labelled image voted by the others: a ground-truth-free accuracy)."""
+    labels, sims, valid = jax.vmap(lambda q: _neighbours(queue, q, k, approx, exclude_ids))(queries)  # [L, n, k]
+    per_view, strength = jax.vmap(lambda a, b, c: weighted_vote(a, b, c, num_classes))(labels, sims, valid)
+    label, _ = weighted_vote(per_view.T, strength.T, per_view.T >= 0, num_classes)
+    counts = jnp.sum(jax.nn.one_hot(jnp.where(valid, labels, -1), num_classes, dtype=jnp.float32), axis=(0, 2))
+    total = jnp.maximum(jnp.sum(valid, axis=(0, 2)), 1).astype(jnp.float32)  # [n]
+    mine = jnp.take_along_axis(counts, jnp.maximum(label, 0)[:, None], axis=-1)[:, 0]
+    others = jnp.where(jax.nn.one_hot(label, num_classes, dtype=bool), -1.0, counts)
+    runner_up = jnp.maximum(jnp.max(others, axis=-1), 0.0)
+    has = label >= 0
+    return Votes(label=label, share=jnp.where(has, mine / total, 0.0),
+                 margin=jnp.where(has, (mine - runner_up) / total, 0.0),
+                 agreement=jnp.mean((per_view == label[None, :]).astype(jnp.float32), axis=0))
 
 
 def pseudo_labels(queue: QueueState, queries: jax.Array, k: int, num_classes: int, approx: bool = False
                   ) -> jax.Array:
-    """Per-view k-NN votes [L, n, D] -> one label per image: the mode over views.
+    """Per-view k-NN votes [L, n, D] -> one label per image: the mode over views."""
+    return vote(queue, queries, k, num_classes, approx).label
 
-    Views that disagree equally are settled by the larger mean similarity of the
-    view's winning neighbours.
-    """
-    votes, strength = jax.vmap(lambda q: knn_vote(queue, q, k, num_classes, approx))(queries)  # [L, n]
-    label, _ = weighted_vote(votes.T, strength.T, votes.T >= 0, num_classes)
-    return label
+
+def class_occupancy(queue: QueueState, num_classes: int) -> tuple[jax.Array, jax.Array]:
+    """The smallest class's share of the filled entries relative to an even split
+    (1: even, 0: a class is missing) and the label entropy over log(classes)."""
+    counts = jnp.sum(jax.nn.one_hot(queue.labels, num_classes, dtype=jnp.float32), axis=0)
+    total = jnp.maximum(jnp.sum(counts), 1.0)
+    p = counts / total
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+    return jnp.min(counts) * num_classes / total, entropy / jnp.log(max(num_classes, 2))
 
 
 # Tries per semantic positive: a try is a uniform draw from the label's segment,

@@ -24,13 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from semppl_jax import augment, losses, networks, optim
 from semppl_jax import queue as pl_queue
-
-AXIS = "data"
+from semppl_jax.sharding import AXIS
 
 
 class TrainState(NamedTuple):
@@ -166,7 +163,11 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             queries = target_proj
         else:
             queries = jax.lax.stop_gradient(online_predictions(state.online_params)[0][:num_large])
-        pseudo = pl_queue.pseudo_labels(state.queue, queries, cfg.knn_k, num_classes, cfg.get("knn_approx", False))
+        # Each image's own entries are left out: only labelled images have entries, so this
+        # changes no unlabelled image's label and gives the labelled ones a held-out vote.
+        votes = pl_queue.vote(state.queue, queries, cfg.knn_k, num_classes, cfg.get("knn_approx", False),
+                              exclude_ids=inputs.image_id)
+        pseudo = votes.label
         working_label = jnp.where(inputs.is_labelled, inputs.label, pseudo)
         positives, positive_valid = pl_queue.sample_positives(
             pos_key, state.queue, working_label, inputs.image_id, global_index, cfg.num_positives)
@@ -217,11 +218,12 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             jnp.repeat(all_labels, num_large), jnp.repeat(all_ids, num_large),
             jnp.repeat(all_labelled, num_large))
 
-        metrics = _monitors(aux, inputs, true_label, pseudo, positive_valid, num_large)
+        metrics = _monitors(aux, inputs, true_label, votes, positive_valid, num_large, num_classes)
         num_candidates = global_batch if cfg.num_negatives is None else min(cfg.num_negatives + 1, global_batch)
         metrics["l_augm_ratio"] = metrics["l_augm"] / np.log(num_candidates)
-        metrics.update(queue_fill=pl_queue.fill_fraction(new_queue), learning_rate=lr_schedule(state.step),
-                       tau=tau)
+        min_share, entropy = pl_queue.class_occupancy(new_queue, num_classes)
+        metrics.update(queue_fill=pl_queue.fill_fraction(new_queue), queue_min_class_share=min_share,
+                       queue_class_entropy=entropy, learning_rate=lr_schedule(state.step), tau=tau)
         # Replicated (params are identical on every replica): the launcher refuses to save
         # a non-finite state, and every process reads the same flag.
         metrics["finite"] = jnp.isfinite(metrics["loss"]) & _all_finite(online_params)
@@ -236,11 +238,20 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _monitors(aux: dict, inputs: StepInputs, true_label: jax.Array, pseudo: jax.Array,
-              positive_valid: jax.Array, num_large: int) -> dict:
-    """Global (all-replica) monitors. ``true_label`` is read here and nowhere else."""
+def _monitors(aux: dict, inputs: StepInputs, true_label: jax.Array, votes: pl_queue.Votes,
+              positive_valid: jax.Array, num_large: int, num_classes: int) -> dict:
+    """Global (all-replica) monitors. ``true_label`` is read here and nowhere else, and only
+    by those that need ground truth (``pseudo_label_accuracy``, ``probe_accuracy``); the
+    others need none: the leave-own-out k-NN accuracy of the labelled images and how sure
+    the unlabelled images' votes are."""
     def ratio(num, den):
         return jax.lax.psum(num, AXIS) / jnp.maximum(jax.lax.psum(den, AXIS), 1.0)
+
+    pseudo = votes.label
+    no_label = ~inputs.is_labelled
+    by_class = jax.nn.one_hot(inputs.label, num_classes, dtype=jnp.float32)  # zero rows where unlabelled
+    loo_per_class = jax.lax.psum(jnp.stack([jnp.sum(by_class * (pseudo == inputs.label)[:, None], 0),
+                                            jnp.sum(by_class, 0)]), AXIS)  # [2, C]: right, voted
 
     unlabelled = (~inputs.is_labelled) & (true_label >= 0)
     correct_pl = (pseudo == true_label) & unlabelled
@@ -265,57 +276,9 @@ def _monitors(aux: dict, inputs: StepInputs, true_label: jax.Array, pseudo: jax.
         semantic_positive_fraction=ratio(jnp.sum(positive_valid[:, 0]), jnp.asarray(pseudo.shape[0])),
         probe_accuracy=ratio(jnp.sum((probe_pred == probe_target) & probe_valid), jnp.sum(probe_valid)),
         labelled_fraction=ratio(jnp.sum(inputs.is_labelled), jnp.asarray(pseudo.shape[0])),
+        loo_knn_accuracy=ratio(jnp.sum((pseudo == inputs.label) & inputs.is_labelled), jnp.sum(inputs.is_labelled)),
+        loo_per_class=loo_per_class,  # an array: summed between log steps by the launcher
+        pseudo_label_vote_share=ratio(jnp.sum(jnp.where(no_label, votes.share, 0.0)), jnp.sum(no_label)),
+        pseudo_label_margin=ratio(jnp.sum(jnp.where(no_label, votes.margin, 0.0)), jnp.sum(no_label)),
+        pseudo_label_view_agreement=ratio(jnp.sum(jnp.where(no_label, votes.agreement, 0.0)), jnp.sum(no_label)),
     )
-
-
-def make_mesh(devices=None) -> Mesh:
-    """1-D ``data`` mesh, devices in process-major order, so that each process's
-    local batch is one contiguous block of the global batch (what
-    ``make_array_from_process_local_data`` and the global image index assume)."""
-    if devices is None:
-        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices), (AXIS,))
-
-
-IMAGE_KEYS = ("large", "small")
-
-
-def _batch_axis(name: str, transposed: bool) -> int:
-    """The batch axis of a batch entry: last for images in the HWCN layout, else first."""
-    return -1 if (transposed and name in IMAGE_KEYS) else 0
-
-
-def _batch_spec(name: str, ndim: int, transposed: bool) -> P:
-    return P(*([None] * (ndim - 1)), AXIS) if _batch_axis(name, transposed) == -1 else P(AXIS)
-
-
-def shard_step(step_fn: Callable, mesh: Mesh, transposed: bool = False) -> Callable:
-    """``jit(shard_map(step))``: state replicated, batch split on its batch axis,
-    state donated. ``check_vma=False`` gives pmap's semantics (per-replica
-    gradients, transposed collectives), which the explicit ``pmean`` relies on.
-    ``transposed``: images arrive in the HWCN layout (batch last), TPU's cheaper
-    host-to-device transfer, and are transposed back on device."""
-    specs = P(AXIS)
-    if transposed:
-        specs = {k: _batch_spec(k, 5, True) for k in IMAGE_KEYS + ("label", "is_labelled", "image_id", "true_label")}
-    mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), specs), out_specs=(P(), P()), check_vma=False)
-    return jax.jit(mapped, donate_argnums=(0,))
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh, transposed: bool = False) -> dict:
-    """Host-local numpy batch -> global arrays split over the ``data`` axis.
-
-    Works multi-host: each process passes its own slice of the global batch.
-    """
-    out = {}
-    for name, value in batch.items():
-        axis = _batch_axis(name, transposed) % value.ndim
-        global_shape = list(value.shape)
-        global_shape[axis] *= jax.process_count()
-        sharding = NamedSharding(mesh, _batch_spec(name, value.ndim, transposed))
-        out[name] = jax.make_array_from_process_local_data(sharding, value, tuple(global_shape))
-    return out

@@ -20,6 +20,7 @@ def main(port: str, process_id: str, out: str) -> None:
     jax.config.update("jax_disable_most_optimizations", True)
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                                process_id=int(process_id), local_device_ids=list(range(4)))
+    from semppl_jax import sharding
     from semppl_jax import update_step as us
     from tests.test_sharded_step import make_batches, make_config
 
@@ -27,13 +28,13 @@ def main(port: str, process_id: str, out: str) -> None:
     config = make_config()
     batches = make_batches(config, 3)
     pid, half = jax.process_index(), config.training.batch_size // 2
-    mesh = us.make_mesh()
-    state = us.replicate(jax.device_get(us.init_state(config, jax.random.key(0), 10, 10, 4)), mesh)
-    step = us.shard_step(us.make_update_step(config, 10, 10, 4), mesh)
+    mesh = sharding.make_mesh()
+    state = sharding.replicate(jax.device_get(us.init_state(config, jax.random.key(0), 10, 10, 4)), mesh)
+    step = sharding.shard_step(us.make_update_step(config, 10, 10, 4), mesh)
     losses = []
     for batch in batches:
         local = {k: v[pid * half:(pid + 1) * half] for k, v in batch.items()}
-        state, metrics = step(state, us.shard_batch(local, mesh))
+        state, metrics = step(state, sharding.shard_batch(local, mesh))
         losses.append(float(metrics["loss"]))
     params = jax.tree.map(np.asarray, jax.device_get(state.online_params))
     if pid == 0:

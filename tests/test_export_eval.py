@@ -10,7 +10,7 @@ import pytest
 
 from experiments import eval as eval_presets
 from experiments import tiny
-from semppl_jax import datasets, evaluation, export, update_step
+from semppl_jax import datasets, evaluation, export, sharding, update_step
 from tests.conftest import TEST_DATA
 
 MANIFEST = TEST_DATA / "official_param_manifest.json"  # a copy of the released manifest
@@ -78,6 +78,30 @@ def test_corrupt_truncated_and_missing_files_give_clear_errors(exported, tmp_pat
         export.load_pretrain_pkl(str(tmp_path / "nowhere" / "pretrain.pkl"))
 
 
+class RunsACommand:
+    """Unpickling this calls ``os.system`` (what a malicious pickle does)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_would_run_a_command_is_refused_unrun(exported, tmp_path):
+    marker = tmp_path / "ran"
+    payload = {"experiment_state": {"online_params": RunsACommand(str(marker)), "online_state": {}}, "step": 1}
+    evil = tmp_path / "pretrain.pkl"
+    evil.write_bytes(pickle.dumps(payload))
+    with pytest.raises(ValueError, match="refusing posix.system|refusing os.system"):
+        export.load_pretrain_pkl(str(evil))
+    assert not marker.exists()
+    pickle.loads(evil.read_bytes())  # the same bytes do run the command when unpickled plainly
+    assert marker.exists()
+
+
 def test_evaluation_starts_from_a_released_pickle(exported):
     config, state, path = exported
     pretrained = evaluation.load_pretrained(path, config)
@@ -117,10 +141,10 @@ def test_every_test_example_counted_once_on_eight_devices():
     config.eval.batch_size = 16
     source = datasets.load_source("synthetic", "test", synthetic_size=280)
     assert source.num_examples == 70
-    mesh = update_step.make_mesh()
+    mesh = sharding.make_mesh()
     net = evaluation.make_classifier(config.model, 10, None)
     params, net_state = net.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), True)
-    params, net_state = update_step.replicate((params, net_state), mesh)
+    params, net_state = sharding.replicate((params, net_state), mesh)
     result = evaluation.test_accuracy(net, params, net_state, source, config, mesh)
     assert result["num_examples"] == 70
     emb, labels = evaluation.embed(net, params, net_state, source, config, mesh)
@@ -129,3 +153,55 @@ def test_every_test_example_counted_once_on_eight_devices():
     head = jax.device_get(params)[evaluation.HEAD]
     logits = emb @ np.asarray(head["w"]) + np.asarray(head["b"])
     assert result["top1"] == pytest.approx(np.mean(np.argmax(logits, -1) == labels), abs=1e-9)
+
+
+def test_pseudo_labels_cover_every_unlabelled_image_once_least_confident_first(tmp_path):
+    """From a pretrained workdir: one row per unlabelled image (never a labelled one), sorted
+    by vote share; the label is the k-NN evaluation's vote; accuracy by bucket where the
+    hidden labels exist, with its plot."""
+    from semppl_jax import jobs, pseudo_labels
+    from semppl_jax.metric_writers import read_jsonl
+
+    config = tiny.get_config()
+    config.training.num_steps = 2
+    workdir = str(tmp_path / "run")
+    jobs.train(config, workdir)
+    summary = pseudo_labels.write_pseudo_labels(config, workdir)
+    rows = read_jsonl(f"{workdir}/pseudo_labels.jsonl")
+    source = datasets.load_split(config, "train")
+    labelled = datasets.config_labelled_mask(config, source)
+    assert sorted(r["image_id"] for r in rows) == np.flatnonzero(~labelled).tolist()
+    shares = [r["vote_share"] for r in rows]
+    assert shares == sorted(shares) and all(0 < s <= 1 for s in shares)
+    assert all(-1e-6 <= r["margin"] <= r["vote_share"] + 1e-6 for r in rows)
+    correct = np.mean([r["pseudo_label"] == r["hidden_label"] for r in rows])
+    assert summary["images"] == len(rows) and np.isclose(summary["accuracy"], correct)
+    assert sum(b["images"] for b in summary["reliability"]) == len(rows)
+
+    # The same vote from the evaluation's own pieces, for a few rows.
+    pre = evaluation.load_pretrained(workdir, config)
+    net = evaluation.make_classifier(config.model, 10, None)
+    params, state = net.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), True)
+    mesh = sharding.make_mesh()
+    params, state = sharding.replicate(evaluation.transplant(params, state, pre.params, pre.state), mesh)
+    sup, sup_y = evaluation.embed(net, params, state, source, config, mesh, ids=np.flatnonzero(labelled))
+    some = np.array(sorted(r["image_id"] for r in rows[:5]))
+    emb, _ = evaluation.embed(net, params, state, source, config, mesh, ids=some)
+    want = np.argmax(evaluation.knn_classify(sup, sup_y, emb, 10, config.eval.knn_k, config.eval.knn_temperature), 1)
+    got = {r["image_id"]: r["pseudo_label"] for r in rows}
+    assert [got[i] for i in some] == want.tolist()
+
+    by_class = open(f"{workdir}/pseudo_labels_by_class.csv").read().splitlines()
+    assert by_class[0] == "label,class_name,images,mean_share,mean_margin,accuracy" and len(by_class) == 11
+    assert (tmp_path / "run" / "pseudo_labels_reliability.png").stat().st_size > 1000
+    header = open(f"{workdir}/pseudo_labels.csv").readline().strip()
+    assert header == "file_name,image_id,pseudo_label,class_name,vote_share,margin,hidden_label"
+
+
+def test_vote_confidence_is_the_share_of_the_score():
+    from semppl_jax import pseudo_labels
+
+    label, share, margin = pseudo_labels.vote_confidence(np.array([[1.0, 3.0, 0.0], [2.0, 2.0, 4.0]]))
+    assert label.tolist() == [1, 2]
+    np.testing.assert_allclose(share, [0.75, 0.5])
+    np.testing.assert_allclose(margin, [0.5, 0.25])

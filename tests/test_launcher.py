@@ -12,7 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import tiny
-from semppl_jax import checkpointing, config_checks, jobs
+from semppl_jax import checkpointing, config_checks, datasets, input_pipeline, jobs
 from tests.conftest import REPO
 
 METRIC_KEYS = {"step", "loss", "pseudo_label_accuracy", "semantic_positive_fraction", "queue_fill",
@@ -53,6 +53,16 @@ def test_tiny_run_writes_metrics_and_config(tmp_path):
         assert METRIC_KEYS <= set(r) and all(np.isfinite(v) for v in r.values())
     assert json.loads((tmp_path / "config.json").read_text())["model"]["depth"] == "tiny"
     assert summary["step"] == 4 and os.listdir(tmp_path / "tensorboard")
+    # Per class, between log steps: every labelled image of the 4 batches voted once.
+    per_class = [json.loads(line) for line in (tmp_path / "per_class.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in per_class] == [2, 4]
+    source = datasets.load_split(config, "train")
+    labelled = datasets.config_labelled_mask(config, source)
+    batches = input_pipeline.train_dataset(source, labelled, config, 32, config.seed).as_numpy_iterator()
+    seen = np.bincount(np.concatenate([b["label"][b["is_labelled"]] for b in (next(batches) for _ in range(4))]),
+                       minlength=10)
+    np.testing.assert_array_equal(np.sum([r["loo_knn_voted"] for r in per_class], 0), seen)
+    assert all(0 <= c <= v for r in per_class for c, v in zip(r["loo_knn_correct"], r["loo_knn_voted"]))
 
 
 def test_resume_after_stop_equals_straight_run(tmp_path):

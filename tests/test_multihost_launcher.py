@@ -14,10 +14,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from experiments import tiny
-from semppl_jax import checkpointing, jobs
+from semppl_jax import checkpointing, datasets, jobs
 from semppl_jax.metric_writers import read_jsonl
 from tests.conftest import REPO
 from tests.test_multiprocess import free_port
@@ -108,6 +109,16 @@ def test_sigterm_to_one_process_then_resume_export_and_knn_with_two_processes(tm
     assert codes == [0, 0], _tail(log_paths)
     result = json.loads((knn_dir / "eval_results.json").read_text())
     assert result["step"] == saved + 5 and 0.0 <= result["top1"] <= 1.0 and result["num_examples"] == 64
+
+    # Pseudo-labels with 2 processes: one file, every unlabelled image once.
+    codes = _wait(_launch(["--config=experiments/tiny.py", f"--workdir={workdir}", "--mode=pseudo_label"],
+                          free_port(), logs), 400)
+    assert codes == [0, 0], _tail(log_paths)
+    rows = read_jsonl(str(workdir / "pseudo_labels.jsonl"))
+    config = tiny.get_config()
+    labelled = datasets.config_labelled_mask(config, datasets.load_split(config, "train"))
+    assert sorted(r["image_id"] for r in rows) == np.flatnonzero(~labelled).tolist()
+    assert not (workdir / "pseudo_labels.parts").exists()
 
 
 def test_sigkill_during_saves_then_resume(tmp_path):

@@ -192,3 +192,64 @@ def test_sorted_order_and_no_order_draw_alike():
     b = q.sample_positives(jax.random.key(7), q.indexed(state), *args)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+
+
+def _loop_vote(emb, labels, ids, queries, own, k, num_classes):
+    """A plain loop: per view the k nearest filled entries not of the image itself,
+    the view's vote (count, then summed similarity), the mode over views (count, then
+    mean winning similarity), and the share, margin and agreement of all neighbours."""
+    n_views, n = queries.shape[:2]
+    out = []
+    for i in range(n):
+        view_votes, view_strength, all_labels = [], [], []
+        for v in range(n_views):
+            cand = [(float(queries[v, i] @ emb[j]), int(labels[j])) for j in range(len(labels))
+                    if labels[j] >= 0 and ids[j] != own[i]]
+            top = sorted(cand, key=lambda t: -t[0])[:k]
+            all_labels += [lab for _, lab in top]
+            score = {}
+            for sim, lab in top:
+                c, s = score.get(lab, (0, 0.0))
+                score[lab] = (c + 1, s + sim)
+            best = max(score, key=lambda lab: score[lab])
+            view_votes.append(best)
+            view_strength.append(score[best][1] / score[best][0])
+        tally = {}
+        for lab, st in zip(view_votes, view_strength):
+            c, s = tally.get(lab, (0, 0.0))
+            tally[lab] = (c + 1, s + st)
+        label = max(tally, key=lambda lab: tally[lab])
+        counts = np.bincount(all_labels, minlength=num_classes)
+        others = np.delete(counts, label)
+        out.append((label, counts[label] / len(all_labels), (counts[label] - others.max()) / len(all_labels),
+                    np.mean(np.array(view_votes) == label)))
+    return [np.array(x) for x in zip(*out)]
+
+
+def test_vote_statistics_and_leave_own_out_match_a_loop():
+    rng = np.random.default_rng(3)
+    size, dim, n, views, classes = 24, 8, 7, 3, 4
+    emb = rng.normal(size=(size, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = rng.integers(0, classes, size).astype(np.int32)
+    labels[-4:] = -1  # empty slots
+    ids = rng.integers(0, 6, size).astype(np.int32)  # images 0..5 own entries; image 6 owns none
+    queries = rng.normal(size=(views, n, dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=-1, keepdims=True)
+    own = np.arange(n, dtype=np.int32)
+    queue = q.QueueState(jnp.asarray(emb), jnp.asarray(labels), jnp.asarray(ids), jnp.zeros((), jnp.int32))
+    for k in (1, 3):
+        got = q.vote(queue, jnp.asarray(queries), k, classes, exclude_ids=jnp.asarray(own))
+        want = _loop_vote(emb, labels, ids, queries, own, k, classes)
+        np.testing.assert_array_equal(np.asarray(got.label), want[0])
+        for g, w in zip((got.share, got.margin, got.agreement), want[1:]):
+            np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6)
+    # Without exclusion an image that owns no entry votes alike; one that does may not.
+    plain = q.vote(queue, jnp.asarray(queries), 1, classes)
+    left_out = q.vote(queue, jnp.asarray(queries), 1, classes, exclude_ids=jnp.asarray(own))
+    assert plain.label[6] == left_out.label[6]
+    share, entropy = q.class_occupancy(queue, classes)
+    counts = np.bincount(labels[labels >= 0], minlength=classes)
+    p = counts / counts.sum()
+    assert np.isclose(share, counts.min() * classes / counts.sum())
+    assert np.isclose(entropy, -np.sum(p[p > 0] * np.log(p[p > 0])) / np.log(classes))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import tiny
+from semppl_jax import sharding
 from semppl_jax import update_step as us
 
 
@@ -41,13 +42,13 @@ def make_batches(config, steps, seed=0):
 
 def run_steps(config, devices, batches, total_steps=10):
     state0 = jax.device_get(us.init_state(config, jax.random.key(0), 10, total_steps, 4))
-    mesh = us.make_mesh(devices)
-    state = us.replicate(state0, mesh)
+    mesh = sharding.make_mesh(devices)
+    state = sharding.replicate(state0, mesh)
     transposed = config.views.transpose_images
-    step = us.shard_step(us.make_update_step(config, 10, total_steps, 4), mesh, transposed)
+    step = sharding.shard_step(us.make_update_step(config, 10, total_steps, 4), mesh, transposed)
     metrics = []
     for batch in batches:
-        state, m = step(state, us.shard_batch(batch, mesh, transposed))
+        state, m = step(state, sharding.shard_batch(batch, mesh, transposed))
         metrics.append(jax.device_get(m))
     return jax.device_get(state), metrics
 
