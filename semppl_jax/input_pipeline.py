@@ -121,13 +121,14 @@ def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch
     ``only_labelled`` keeps the labelled images alone (fine-tuning, baselines)."""
     if len(labelled) != source.num_ids:
         raise ValueError(f"labelled mask has {len(labelled)} entries for {source.num_ids} images")
-    pool = source.valid_ids()
-    if only_labelled:
-        pool = pool[labelled[pool]]
-    ids = share_ids(source, pool, process_index, process_count)
+    ids = share_ids(source, source.valid_ids(), process_index, process_count)
     if local_batch > len(ids):
         raise ValueError(f"per-process batch {local_batch} exceeds the {len(ids)} training images "
                          f"of this process")
+    if only_labelled:  # a batch may hold a small labelled set more than once: epochs follow each other
+        ids = ids[labelled[ids]]
+        if not len(ids):
+            raise ValueError(f"process {process_index} has no labelled image in its share of the split")
     seed = seed * 1000 + process_index
     buffer = config.dataset.shuffle_buffer
     n_lab = config.dataset.labelled_per_batch

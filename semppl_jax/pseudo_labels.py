@@ -82,7 +82,7 @@ def plot_reliability(rows: list[dict], path: epath.Path) -> None:
                     xytext=(4, -10), fontsize=7)
     ax.set(xlabel="vote share (bucket mean)", ylabel="accuracy against hidden labels", xlim=(0, 1.02),
            ylim=(0, 1.02), title="Pseudo-label reliability")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=120)

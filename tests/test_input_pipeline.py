@@ -188,6 +188,19 @@ def test_eval_sees_every_example_exactly_once(processes):
     assert sorted(seen) == list(range(70)) and sizes == {(16, 24, 24, 3)}
 
 
+def test_only_labelled_batches_may_exceed_the_labelled_set():
+    """Fine-tuning on 4 labelled images with batches of 10: labelled images only, each
+    epoch (4 draws) every labelled image once."""
+    config = small_views(tiny.get_config())
+    source = datasets.load_source("synthetic", "train", synthetic_size=40, synthetic_image_size=28)
+    labelled = np.zeros(40, bool)
+    labelled[[3, 11, 19, 30]] = True
+    batches = take(input_pipeline.train_dataset(source, labelled, config, 10, 0, only_labelled=True), 2)
+    ids = np.concatenate([b["image_id"] for b in batches])
+    assert all(b["is_labelled"].all() for b in batches)
+    assert all(sorted(ids[i:i + 4].tolist()) == [3, 11, 19, 30] for i in range(0, 20, 4))
+
+
 def test_batch_larger_than_the_data_is_an_error():
     config = small_views(tiny.get_config())
     source = datasets.load_source("synthetic", "train", synthetic_size=16, synthetic_image_size=28)
