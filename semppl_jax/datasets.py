@@ -485,12 +485,24 @@ def index_source(source: Source, validate: bool, index_dir: str | None = None, l
         safe = "".join(ch if ch.isalnum() else "_" for ch in name)[-48:]
         digest = hashlib.sha1(name.encode()).hexdigest()[:8]
         path = f"{index_dir}/{safe}_{digest}_{process_count}proc{'_checked' if validate else ''}.npz"
-    index = _read_index(path, key) if path else None
-    if index is None:
+    index = _read_index(path, key) if path and _agreed_exists(path, process_count) else None
+    if index is None:  # every process takes this branch or none: it leads into an all-gather
         index = _build_index(source, validate, process_index, process_count)
         if path and process_index == 0:
             _write_index(path, key, index)
     return _with_index(source, index)
+
+
+def _agreed_exists(path: str, process_count: int) -> bool:
+    """Whether ``path`` exists, as process 0 sees it, on every process."""
+    from etils import epath
+
+    exists = epath.Path(path).exists()
+    if process_count == 1:
+        return exists
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.array(exists)))
 
 
 def _scan_share(source: Source, lo: int, hi: int, validate: bool) -> dict[str, np.ndarray]:
@@ -556,7 +568,8 @@ def _read_index(path: str, key: dict) -> SplitIndex | None:
 
     path = epath.Path(path)
     if not path.exists():
-        return None
+        raise FileNotFoundError(f"the data index {path} exists for process 0 but not here: is the workdir "
+                                f"a filesystem every process shares?")
     data = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
     saved = json.loads(str(data["key"]))
     if saved != key:

@@ -111,13 +111,20 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(
 from semppl_jax import datasets
 source = datasets.index_source(datasets.load_source(f"folder:{root}", "train"), True, out + "/index")
 np.savez(f"{out}/proc{pid}.npz", readable=source.readable, names=np.asarray(source.file_names, str))
+def no_reads(ex):
+    raise AssertionError("an image was read")
+import dataclasses
+again = datasets.index_source(dataclasses.replace(datasets.load_source(f"folder:{root}", "train"), load=no_reads),
+                              True, out + "/index")  # both processes agree the cache exists and read it
+assert (again.readable == source.readable).all()
 jax.distributed.shutdown()
 """
 
 
 def test_two_processes_index_their_halves_and_agree_with_one(tmp_path):
     """Two real processes each decode only their half of a folder with a broken file;
-    the all-gathered index equals one process's, on both, and process 0 caches it."""
+    the all-gathered index equals one process's, on both, process 0 caches it, and a
+    second start reads the cache on both without reading an image."""
     root = make_image_folder(tmp_path / "imgs")
     (root / "train" / "eel" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
