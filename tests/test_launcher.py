@@ -80,6 +80,22 @@ def test_resume_after_stop_equals_straight_run(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_resume_epochs_in_equals_straight_run(tmp_path):
+    """256 images, batch 32: 8 steps an epoch. Stopped at step 36 (4.5 epochs in) and run
+    again to 40: bit-identical to 40 straight steps, in the fixed-labelled-mix mode too."""
+    config = tiny.get_config()
+    config.training.update(num_steps=40, checkpoint_every_steps=1000, log_every_steps=20)
+    config.dataset.labelled_per_batch = 8
+    jobs.train(config, str(tmp_path / "straight"))
+    jobs.train(config, str(tmp_path / "resumed"), stop_after=36)
+    jobs.train(config, str(tmp_path / "resumed"))
+    a, _ = checkpointing.restore_state(str(tmp_path / "straight"), config)
+    b, step = checkpointing.restore_state(str(tmp_path / "resumed"), config)
+    assert step == 40
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_resume_refuses_a_changed_architecture(tmp_path):
     config = tiny.get_config()
     config.training.num_steps = 2

@@ -122,8 +122,8 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert s16.queue.embeddings.dtype == np.float32
     rel = {k: abs(m16[0][k] - m32[0][k]) / abs(m32[0][k]) for k in ("loss", "l_augm", "invariance")}
     print("bf16 vs f32, one step:", {k: (float(m16[0][k]), float(m32[0][k])) for k in rel}, "relative:", rel)
-    # Stated tolerances: the InfoNCE term within 0.5%, the whole objective within 3%
-    # (lambda = 5 times a KL between near-uniform distributions magnifies rounding).
+    # Stated tolerances: the InfoNCE term within 0.5%, the whole objective within 3% (its
+    # invariance term, a KL between near-uniform distributions, magnifies bf16 rounding).
     assert rel["l_augm"] < 5e-3 and rel["loss"] < 3e-2
     assert m16[0]["loss"] != m32[0]["loss"]  # bf16 really ran
 
