@@ -118,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
         # above collapse_loss_ratio (InfoNCE at chance). Warns once; stop_on_collapse stops
         # the run with a checkpoint.
         collapse_std_fraction=0.25, collapse_loss_ratio=0.995, stop_on_collapse=False,
+        # A jax.profiler trace of profile_num_steps steps from profile_first_step into
+        # WORKDIR/profile, for TensorBoard's profile plugin. None: no trace.
+        profile_first_step=ml_collections.FieldReference(None, field_type=int), profile_num_steps=5,
     ))
 
     # Evaluation (``experiments/eval.py`` sets the protocol's defaults).

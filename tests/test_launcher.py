@@ -201,3 +201,13 @@ def test_metrics_file_keeps_each_step_once_and_survives_a_torn_line(tmp_path):
     path.write_text('{"step": 2}\nnot json\n{"step": 4}\n')
     with pytest.raises(ValueError, match="line 2"):
         read_jsonl(str(path))  # a damaged line in the middle is an error, not skipped
+
+
+def test_profile_steps_write_a_tensorboard_trace(tmp_path):
+    """A jax.profiler trace of steps 2-3 under WORKDIR/profile, where TensorBoard's profile
+    plugin looks (plugins/profile/<run>/*.xplane.pb)."""
+    config = tiny.get_config()
+    config.training.update(num_steps=4, profile_first_step=2, profile_num_steps=2)
+    jobs.train(config, str(tmp_path))
+    traces = list((tmp_path / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000
