@@ -157,10 +157,10 @@ def augment_image(key: jax.Array, x: jax.Array, blur_p: jax.Array, solarize_p: j
                   cfg: Any) -> jax.Array:
     """One image [H, W, 3] in [0, 1] -> augmented, normalised with ImageNet statistics."""
     k_flip, k_jit, k_jit_p, k_gray, k_blur, k_blur_p, k_sol = jax.random.split(key, 7)
-    if cfg.get("rotation_degrees", 0.0):  # folded, not split: the other draws stay as they were without it
+    if cfg.rotation_degrees:  # folded, not split: the other draws stay as they were without it
         degrees = jax.random.uniform(jax.random.fold_in(key, 7), (), minval=-1.0, maxval=1.0) * cfg.rotation_degrees
         x = rotate(x, jnp.deg2rad(degrees))
-    if cfg.get("flip", True):
+    if cfg.flip:
         x = jnp.where(jax.random.uniform(k_flip) < 0.5, x[:, ::-1], x)
     jittered = color_jitter(k_jit, x, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
     x = jnp.where(jax.random.uniform(k_jit_p) < cfg.color_jitter_prob, jittered, x)

@@ -231,7 +231,10 @@ def _read_checkpoint(workdir: str, config: Any, step: int | None, signature: Cal
         except ConfigDriftError:
             raise
         except Exception as e:
-            if step is None and chosen not in ocp.utils.checkpoint_steps(directory):
+            # The run deletes old steps (``keep``): a step it is deleting may still be listed
+            # while its files go, but it is never the newest. A failed newest step is an error.
+            steps = ocp.utils.checkpoint_steps(directory) if directory.is_dir() else []
+            if step is None and (chosen not in steps or chosen != max(steps, default=chosen)):
                 raise _Vanished() from e
             raise
 

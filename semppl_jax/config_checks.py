@@ -77,10 +77,10 @@ def validate(config: Any, num_devices: int, num_processes: int = 1, num_train: i
     for name in ("large_scale", "small_scale", "aspect_ratio"):
         lo, hi = getattr(v, name)
         _require(0 < lo <= hi, f"views.{name}", f"need 0 < low <= high, got {(lo, hi)}")
-    rot = config.augment.get("rotation_degrees", 0.0)
+    rot = config.augment.rotation_degrees
     _require(0.0 <= rot <= 180.0, "augment.rotation_degrees", f"must be in [0, 180], got {rot}")
     _require(m.depth in RESNET_SPECS, "model.depth", f"{m.depth!r} is not one of {sorted(RESNET_SPECS)}")
-    _require(m.get("remat", "none") in REMAT_POLICIES, "model.remat",
+    _require(m.remat in REMAT_POLICIES, "model.remat",
              f"{m.get('remat')!r} is not one of {sorted(REMAT_POLICIES)}")
     spec = RESNET_SPECS[m.depth]
     try:  # the network's own rule, checked at start rather than when it is built

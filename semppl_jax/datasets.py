@@ -99,6 +99,15 @@ class Source:
         return ds.filter(lambda ex: tf.gather(keep, tf.cast(ex["image_id"], tf.int64) - lo))
 
 
+def decode(image: tf.Tensor, encoded: bool) -> tf.Tensor:
+    """Encoded bytes (JPEG, PNG, GIF, BMP: whatever ImageFolder lists) or pixels -> uint8 [H, W, 3]."""
+    if encoded:
+        image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    elif image.shape[-1] == 1:
+        image = tf.repeat(image, 3, axis=-1)
+    return image
+
+
 def share_range(num_ids: int, process_index: int, process_count: int) -> tuple[int, int]:
     """Process ``process_index``'s ids: a contiguous range, sizes within one of each other."""
     return process_index * num_ids // process_count, (process_index + 1) * num_ids // process_count
@@ -508,8 +517,6 @@ def _agreed_exists(path: str, process_count: int) -> bool:
 def _scan_share(source: Source, lo: int, hi: int, validate: bool) -> dict[str, np.ndarray]:
     """This process's records ``lo..hi-1``: which could be read (and decoded, if
     ``validate``), with their labels and names. Images are read, decoded only if asked."""
-    from semppl_jax.input_pipeline import decode
-
     ds = source.records(np.arange(lo, hi))
 
     def probe(ex):

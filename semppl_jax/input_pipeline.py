@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from semppl_jax.datasets import Source, share_range
+from semppl_jax.datasets import Source, decode, share_range
 
 MAX_EPOCHS = 1 << 40  # "endless"
 
@@ -64,15 +64,6 @@ def epoch_stream(source: Source, ids: np.ndarray, seed: int, position: int, buff
                                reshuffle_each_iteration=False)
 
     return epochs.flat_map(epoch_records).skip(offset)
-
-
-def decode(image: tf.Tensor, encoded: bool) -> tf.Tensor:
-    """Encoded bytes (JPEG, PNG, GIF, BMP: whatever ImageFolder lists) or pixels -> uint8 [H, W, 3]."""
-    if encoded:
-        image = tf.io.decode_image(image, channels=3, expand_animations=False)
-    elif image.shape[-1] == 1:
-        image = tf.repeat(image, 3, axis=-1)
-    return image
 
 
 def _crop_and_resize(image: tf.Tensor, offset: tf.Tensor, size: tf.Tensor, out_size: int) -> tf.Tensor:
@@ -158,7 +149,7 @@ def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch
 
     ds = ds.enumerate().map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)
-    if views.get("transpose_images", False):  # HWCN: batch last, TPU's cheaper transfer layout
+    if views.transpose_images:  # HWCN: batch last, TPU's cheaper transfer layout
         ds = ds.map(lambda b: dict(b, large=tf.transpose(b["large"], [1, 2, 3, 4, 0]),
                                    small=tf.transpose(b["small"], [1, 2, 3, 4, 0])))
     return ds.prefetch(tf.data.AUTOTUNE)

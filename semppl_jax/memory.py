@@ -58,12 +58,12 @@ def check_fits(usage: dict[str, int] | None, limit: int | None, config: Any, num
     remedies = []
     if t.compute_dtype != "bfloat16":
         remedies.append("--config.training.compute_dtype=bfloat16 (about halves activations)")
-    if m.get("remat", "none") == "none":
+    if m.remat == "none":
         remedies.append("--config.model.remat=block (recompute block activations in the backward pass)")
     remedies.append(f"a smaller per-device batch (now {per_device}: lower training.batch_size, "
                     f"or use more devices)")
     raise DoesNotFitError(
         f"the update step needs about {usage['peak'] / GIB:.2f} GiB per device (temporaries "
         f"{usage['temporaries'] / GIB:.2f} GiB) but the device allows {limit / GIB:.2f} GiB "
-        f"({per_device} images per device, {t.compute_dtype}, remat={m.get('remat', 'none')}). Remedies: "
+        f"({per_device} images per device, {t.compute_dtype}, remat={m.remat}). Remedies: "
         + "; ".join(remedies) + ".")

@@ -285,7 +285,7 @@ def make_encoder(depth: str, width_multiplier: float, resnet_v2: bool, sk_ratio:
 def encoder_from_config(model_config: Any, bn_config: Mapping[str, Any], remat: str = "none") -> ResNet:
     """The encoder a ``model`` config describes (pretraining and evaluation build the same one)."""
     return make_encoder(model_config.depth, model_config.width_multiplier, model_config.resnet_v2,
-                        model_config.sk_ratio, bn_config, remat, model_config.get("stem_max_pool", True))
+                        model_config.sk_ratio, bn_config, remat, model_config.stem_max_pool)
 
 
 def set_compute_dtype(compute_dtype: str) -> None:
@@ -320,7 +320,7 @@ def make_network(model_config: Any, num_classes: int, cross_replica_axis: str | 
     def forward(images: jax.Array, is_training: bool,
                 heads: Sequence[str] = ("projection", "prediction", "logits")) -> dict[str, jax.Array]:
         set_compute_dtype(compute_dtype)  # at trace time: Haiku reads policies when modules run
-        encoder = encoder_from_config(model_config, bn_config, model_config.get("remat", "none"))
+        encoder = encoder_from_config(model_config, bn_config, model_config.remat)
         projector = MLP(model_config.projector_hidden_size, model_config.projection_size, bn_config,
                         name="projector")
         predictor = MLP(model_config.predictor_hidden_size, model_config.projection_size, bn_config,

@@ -122,7 +122,7 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
     cfg = config.semppl
     num_large, num_small = config.views.num_large, config.views.num_small
     pairs, large_pairs = _pairs(num_large + num_small, num_large, cfg.same_crop_pairs)
-    transposed = bool(config.views.get("transpose_images", False))
+    transposed = bool(config.views.transpose_images)
 
     def update_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
         inputs, true_label = split_batch(batch)
@@ -165,13 +165,13 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             queries = jax.lax.stop_gradient(online_predictions(state.online_params)[0][:num_large])
         # Each image's own entries are left out: only labelled images have entries, so this
         # changes no unlabelled image's label and gives the labelled ones a held-out vote.
-        votes = pl_queue.vote(state.queue, queries, cfg.knn_k, num_classes, cfg.get("knn_approx", False),
+        votes = pl_queue.vote(state.queue, queries, cfg.knn_k, num_classes, cfg.knn_approx,
                               exclude_ids=inputs.image_id)
         pseudo = votes.label
         working_label = jnp.where(inputs.is_labelled, inputs.label, pseudo)
         positives, positive_valid = pl_queue.sample_positives(
             pos_key, state.queue, working_label, inputs.image_id, global_index, cfg.num_positives)
-        if cfg.get("positives_after_queue_full", False):  # departs from the paper: see default_config
+        if cfg.positives_after_queue_full:  # departs from the paper: see default_config
             positive_valid &= pl_queue.fill_fraction(state.queue) >= 1.0
 
         def loss_fn(params):

@@ -6,7 +6,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from semppl_jax import augment
+from semppl_jax import augment, default_config
+
+
+def augment_config(**fields) -> ml_collections.ConfigDict:
+    """The base config's augmentation section with ``fields`` changed."""
+    c = default_config.base_config().augment
+    c.update(fields)
+    return c
 
 
 def _reference_jitter(key, x, brightness, contrast, saturation, hue):
@@ -88,9 +95,8 @@ def test_blur_not_drawn_is_exact_identity_and_drawn_blurs():
 
 def test_augment_views_probabilities():
     """Over many images: jitter applied ~80%, grayscale ~20%, solarise per recipe."""
-    cfg = ml_collections.ConfigDict(dict(flip=True, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-                                         color_jitter_prob=0.8, grayscale_prob=0.2, blur_prob=(1.0, 0.1),
-                                         solarize_prob=(0.0, 0.2)))
+    cfg = augment_config(flip=True, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
+                         color_jitter_prob=0.8, grayscale_prob=0.2, blur_prob=(1.0, 0.1), solarize_prob=(0.0, 0.2))
     n = 2000
     views = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, n, 8, 8, 3), dtype=np.uint8))
     out = augment.augment_views(jax.random.key(1), views, 0, jnp.arange(n), cfg)
@@ -135,8 +141,8 @@ def test_rotation_leaves_the_other_draws_unchanged():
     augmenting with rotation equals rotating first and augmenting without."""
     fields = dict(flip=True, brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0, color_jitter_prob=0.8,
                   grayscale_prob=0.2)
-    plain = ml_collections.ConfigDict(fields)
-    turned = ml_collections.ConfigDict(dict(fields, rotation_degrees=30.0))
+    plain = augment_config(**fields)
+    turned = augment_config(**fields, rotation_degrees=30.0)
     x = _images(1)[0]
     for seed in range(4):
         key = jax.random.key(seed)

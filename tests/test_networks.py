@@ -5,11 +5,10 @@ import json
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from semppl_jax import networks
+from semppl_jax import default_config, networks
 from tests.conftest import TEST_DATA
 
 MANIFEST = TEST_DATA / "official_param_manifest.json"  # a copy of the released manifest
@@ -18,9 +17,10 @@ ARCHS = {"TinyResNet_1x": ("tiny", 1), "ResNet18_1x": ("resnet18", 1), "ResNet50
 
 
 def model_config(depth, width=1, v2=False, sk=0.0, hidden=4096, proj=256, pool=True):
-    return ml_collections.ConfigDict(dict(depth=depth, width_multiplier=width, resnet_v2=v2, sk_ratio=sk,
-                                          stem_max_pool=pool, bn_decay=0.9, projector_hidden_size=hidden,
-                                          predictor_hidden_size=hidden, projection_size=proj))
+    c = default_config.base_config().model
+    c.update(dict(depth=depth, width_multiplier=width, resnet_v2=v2, sk_ratio=sk, stem_max_pool=pool,
+                  bn_decay=0.9, projector_hidden_size=hidden, predictor_hidden_size=hidden, projection_size=proj))
+    return c
 
 
 def shapes(depth, width, **kw):
