@@ -29,18 +29,13 @@ def get_config(arg: str | None = "resnet50,1pct"):
                           label_subset=subset))
     depth, width = ARCHS[base]
     c.model.update(dict(depth=depth, width_multiplier=width, sk_ratio=0.0625 if sk else 0.0))
-    # bf16 compute (float32 parameters, optimizer, BN, losses and queue): the memory plan
-    # in the README. 4096 images fit as 128 a chip on 32 TPU v4 chips or 256 a GPU on 16
-    # H100s; 8 H100s (512 each) need model.remat='block'. Override with float32 if wanted.
+    # bf16 compute (parameters, optimizer, BN, losses and queue stay float32): 4096 images fit
+    # as 128 a chip on 32 TPU v4 chips (README, "Which batch fits"; docs/performance.md).
     c.training.update(dict(batch_size=4096, num_epochs=300.0, log_every_steps=100,
                            eval_every_steps=5000, eval_max_examples=10_000, compute_dtype="bfloat16"))
-    # Best reading: the queue holds the labelled entries of the last ~125 steps
-    # (1%: ~41 labelled images x 4 large views = 164 entries a step; 10%: ~1640).
+    # Best reading: the queue holds the labelled entries of about the last 125 steps.
     c.semppl.queue_size = 20_480 if subset == "1pct" else 204_800
-    # lambda (the invariance KL's weight; c = 0.3): the value trained without collapse on the
-    # demo (README, "Choosing lambda and c"; SemPPL, 200 steps): lambda 0 / 0.05 / 0.2 gave
-    # k-NN 89.3 / 89.0 / 90.2 and L_augm at 0.46 of chance; 1 gave 86.7; 5 collapsed (61.2,
-    # L_augm at 0.95 of chance). The best reading's 5 came from a loss that is not a KL.
-    # Untested at ImageNet scale: watch embedding_std and l_augm_ratio (the collapse guard).
+    # The lambda measured to train without collapse on the demo (docs/research_log.md); untested
+    # at ImageNet scale: watch embedding_std and l_augm_ratio (the collapse guard).
     c.semppl.lam = 0.2
     return c

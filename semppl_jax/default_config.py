@@ -82,11 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
 
     c.semppl = ml_collections.ConfigDict(dict(
-        # Best readings: the only public re-implementation uses c=0.3, alpha=0.2,
-        # temperature 0.2, k=1, M=3. Its lambda=5 weighs a term that is not a KL; with
-        # ReLIC's KL it collapses (docs/method.md), so lambda=0.2 is the value measured
-        # to train on the demo (README, "Choosing lambda and c"). alpha matters: the demo
-        # uses 2, which beat 0.2 at 1% labels in 5 of 5 seeds (README); ImageNet keeps 0.2.
+        # Best readings of the paper (docs/method.md): c, alpha, temperature, k and M; lambda
+        # is the value measured to train without collapse (docs/research_log.md).
         c=0.3, alpha=0.2, lam=0.2, temperature=0.2,
         knn_k=1, num_positives=3,
         queue_size=20_480,  # best reading: entries (one per labelled image and large view)
