@@ -22,7 +22,7 @@ def is_uri(path: str | os.PathLike) -> bool:
 def workdir_path(path: str | os.PathLike) -> epath.Path:
     """``path`` as an ``epath.Path``: a URI as it is, a local path made absolute (Orbax
     refuses relative ones)."""
-    return epath.Path(path) if is_uri(path) else epath.Path(os.path.abspath(path))
+    return epath.Path(path) if is_uri(path) else epath.Path(path).resolve()
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
