@@ -23,7 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from semppl_jax import augment, datasets, input_pipeline, networks, sharding, update_step
+from semppl_jax import augment, datasets, input_pipeline, networks, sharding
 from semppl_jax.paths import workdir_path
 from semppl_jax.sharding import AXIS
 
@@ -124,7 +124,7 @@ def make_train_step(net: hk.TransformedWithState, optimizer: optax.GradientTrans
             (_, logits), net_state = net.apply(p, state.net_state, None, x, True, frozen)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(batch["label"], 0))
             mask = (batch["label"] >= 0).astype(jnp.float32)
-            share, mean = update_step.global_mean(jnp.sum(ce * mask), jnp.sum(mask))
+            share, mean = sharding.global_mean(jnp.sum(ce * mask), jnp.sum(mask))
             return share, (net_state, mean)
 
         grads, (net_state, loss) = jax.grad(loss_fn, has_aux=True)(state.params)

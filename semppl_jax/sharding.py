@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -69,3 +70,14 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, transposed: bool = False) 
         sharding = NamedSharding(mesh, _batch_spec(name, value.ndim, transposed))
         out[name] = jax.make_array_from_process_local_data(sharding, value, tuple(global_shape))
     return out
+
+
+def global_mean(local_sum: jax.Array, local_count: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(this replica's share of the global mean, the global mean itself).
+
+    The share is scaled so that averaging gradients over replicas yields the
+    gradient of the global mean even though counts differ per replica.
+    """
+    count = jnp.maximum(jax.lax.psum(local_count, AXIS), 1.0)
+    share = jax.lax.psum(1, AXIS) * local_sum / count
+    return share, jax.lax.psum(jax.lax.stop_gradient(local_sum), AXIS) / count

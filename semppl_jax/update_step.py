@@ -27,7 +27,7 @@ import optax
 
 from semppl_jax import augment, losses, networks, optim
 from semppl_jax import queue as pl_queue
-from semppl_jax.sharding import AXIS
+from semppl_jax.sharding import AXIS, global_mean
 
 
 class TrainState(NamedTuple):
@@ -100,17 +100,6 @@ def _views_first(images: jax.Array, transposed: bool) -> jax.Array:
 def _flatten_views(views: jax.Array) -> jax.Array:
     """[V, b, ...] -> [V*b, ...]: all views of a kind through the network at once."""
     return views.reshape((-1,) + views.shape[2:])
-
-
-def global_mean(local_sum: jax.Array, local_count: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(this replica's share of the global mean, the global mean itself).
-
-    The share is scaled so that averaging gradients over replicas yields the
-    gradient of the global mean even though counts differ per replica.
-    """
-    count = jnp.maximum(jax.lax.psum(local_count, AXIS), 1.0)
-    share = jax.lax.psum(1, AXIS) * local_sum / count
-    return share, jax.lax.psum(jax.lax.stop_gradient(local_sum), AXIS) / count
 
 
 def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_epoch: int

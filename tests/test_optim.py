@@ -5,6 +5,7 @@ import math
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from semppl_jax import optim
 
@@ -46,3 +47,17 @@ def test_target_ema_schedule_is_byols():
     target = {"m": {"w": jnp.zeros(3)}}
     online = {"m": {"w": jnp.ones(3)}}
     np.testing.assert_allclose(optim.ema_update(target, online, 0.9)["m"]["w"], 0.1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("total,warmup", [(1000, 100), (2046, 62), (682, 0), (10, 10), (1, 0)])
+def test_learning_rate_equals_a_plain_warmup_cosine_at_every_step(total, warmup):
+    """optax's warm-up cosine against the formula written out, at every step and past the end."""
+    lr = optim.learning_rate_schedule(4.0, batch_size=128, total_steps=total, warmup_steps=warmup)
+    peak = 4.0 * 128 / 256
+    for step in range(total + 3):
+        if step < warmup:
+            want = peak * step / warmup
+        else:
+            progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+            want = 0.5 * peak * (1 + math.cos(math.pi * progress))
+        np.testing.assert_allclose(float(lr(step)), want, rtol=2e-6, atol=1e-6)
