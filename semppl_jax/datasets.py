@@ -117,10 +117,12 @@ def share_range(num_ids: int, process_index: int, process_count: int) -> tuple[i
 
 
 def array_source(images: np.ndarray, labels: np.ndarray, num_classes: int, name: str, split: str,
-                 encoded: bool = False) -> Source:
-    """Images held in memory: uint8 pixels, or encoded bytes (an object array) with ``encoded``."""
+                 encoded: bool = False, file_names: np.ndarray | None = None) -> Source:
+    """Images held in memory: uint8 pixels, or encoded bytes (an object array) with ``encoded``;
+    file names ``<name>_<split>_<index>`` unless given."""
     labels = labels.astype(np.int32)
-    names = np.array([f"{name}_{split}_{i:06d}" for i in range(len(images))])
+    names = np.array([f"{name}_{split}_{i:06d}" for i in range(len(images))]) if file_names is None \
+        else np.asarray(file_names)
 
     def table(ids: np.ndarray) -> dict[str, np.ndarray]:
         return dict(image_ref=images[ids], true_label=labels[ids], image_id=ids.astype(np.int32),
@@ -352,9 +354,8 @@ def _unsized_tfds_source(builder: Any, name: str, split: str, data_dir: str | No
     images = np.array([r["image"] for r in records], object)
     labels = np.array([r["label"] for r in records], np.int32)
     names = np.array([r["file_name"].decode() if "file_name" in r else str(i) for i, r in enumerate(records)])
-    source = array_source(images, labels, builder.info.features["label"].num_classes, name, split, encoded=True)
-    return dataclasses.replace(source, file_names=names,
-                               table=lambda ids: dict(source.table(ids), file_name=names[ids]))
+    return array_source(images, labels, builder.info.features["label"].num_classes, name, split, encoded=True,
+                        file_names=names)
 
 
 def _split_base_and_offset(split: str) -> tuple[str, int]:
@@ -536,23 +537,25 @@ def _scan_share(source: Source, lo: int, hi: int, validate: bool) -> dict[str, n
 def _build_index(source: Source, validate: bool, process_index: int, process_count: int) -> SplitIndex:
     lo, hi = share_range(source.num_ids, process_index, process_count)
     mine = _scan_share(source, lo, hi, validate)
+    if source.random_access:  # the listing knows every name, readable or not: none to gather
+        del mine["names"]
     parts = _allgather_shares(mine, process_count)
     readable = np.concatenate([p["readable"] for p in parts])
     labels = np.concatenate([p["labels"] for p in parts])
-    names = np.concatenate([p["names"] for p in parts])
-    if source.random_access:  # the listing knows every name, readable or not
-        names = source.file_names
+    names = source.file_names if source.random_access else np.concatenate([p["names"] for p in parts])
     return SplitIndex(readable, labels, names)
 
 
 def _allgather_shares(mine: dict[str, np.ndarray], process_count: int) -> list[dict[str, np.ndarray]]:
-    """Every process's share scan, in process order (small arrays; names as fixed-width bytes)."""
+    """Every process's share scan, in process order (small arrays; names, if there, as
+    fixed-width bytes)."""
     if process_count == 1:
         return [mine]
     from jax.experimental import multihost_utils
 
-    encoded = [n.encode() for n in mine["names"]]
-    n, width = len(encoded), max([len(b) for b in encoded] + [1])
+    with_names = "names" in mine  # the same on every process: it follows the source's kind
+    encoded = [n.encode() for n in mine["names"]] if with_names else []
+    n, width = len(mine["readable"]), max([len(b) for b in encoded] + [1])
     sizes = np.asarray(multihost_utils.process_allgather(np.array([n, width], np.int32)))
     rows, width = int(sizes[:, 0].max()), int(sizes[:, 1].max())
     buf = np.zeros((rows, width), np.uint8)
@@ -561,12 +564,14 @@ def _allgather_shares(mine: dict[str, np.ndarray], process_count: int) -> list[d
     packed = np.zeros((rows, 2), np.int32)
     packed[:n, 0], packed[:n, 1] = mine["readable"], mine["labels"]
     all_packed = np.asarray(multihost_utils.process_allgather(packed))
-    all_names = np.asarray(multihost_utils.process_allgather(buf))
+    all_names = np.asarray(multihost_utils.process_allgather(buf)) if with_names else None
     out = []
     for p in range(process_count):
         k = int(sizes[p, 0])
-        names = np.array([bytes(row).rstrip(b"\0").decode() for row in all_names[p, :k]], object)
-        out.append(dict(readable=all_packed[p, :k, 0].astype(bool), labels=all_packed[p, :k, 1], names=names))
+        part = dict(readable=all_packed[p, :k, 0].astype(bool), labels=all_packed[p, :k, 1])
+        if with_names:
+            part["names"] = np.array([bytes(row).rstrip(b"\0").decode() for row in all_names[p, :k]], object)
+        out.append(part)
     return out
 
 
