@@ -113,7 +113,7 @@ def alpha0_twin(workdir: str, seed: int, config) -> str | None:
     are labelled: the encoder is the same at every fraction, so it is pretrained once
     per seed and evaluated with each fraction's labelled subset."""
     parent = os.path.dirname(os.path.abspath(workdir))
-    for name in sorted(os.listdir(parent)):
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
         other = os.path.join(parent, name, "pretrain")
         if (name.startswith("alpha0_") and name.endswith(f"_seed{seed}") and other != os.path.join(workdir, "pretrain")
                 and os.path.exists(os.path.join(other, "train_summary.json"))):
