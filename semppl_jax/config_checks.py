@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from semppl_jax.augment import BLURS
 from semppl_jax.networks import REMAT_POLICIES, RESNET_SPECS, scaled_channels
 
 
@@ -65,6 +66,10 @@ def validate(config: Any, num_devices: int, num_processes: int = 1, num_train: i
     _require(s.temperature > 0, "semppl.temperature", f"must be positive, got {s.temperature}")
     _require(s.alpha >= 0 and s.lam >= 0 and s.c > 0, "semppl.alpha/lam/c",
              f"need alpha >= 0, lam >= 0, c > 0; got {s.alpha}, {s.lam}, {s.c}")
+    _require(0.0 <= s.min_vote_share <= 1.0, "semppl.min_vote_share",
+             f"must be in [0, 1] (0 keeps every vote), got {s.min_vote_share}")
+    _require(config.augment.blur_impl in BLURS, "augment.blur_impl",
+             f"must be one of {sorted(BLURS)}, got {config.augment.blur_impl!r}")
     _require(s.knn_query in ("target", "online"), "semppl.knn_query",
              f"must be 'target' or 'online', got {s.knn_query!r}")
     if s.num_negatives is not None:

@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
         # Not in BYOL: a random turn of up to this many degrees either way (uniform), on
         # device before the colour ops, black outside the source. 0 builds nothing.
         rotation_degrees=0.0,
+        # How the blur runs: 'conv' (a per-image separable convolution) or 'banded_matmul'
+        # (two banded matrix products; the same blur). `device_check.py --profile` times both.
+        blur_impl="conv",
     ))
 
     c.model = ml_collections.ConfigDict(dict(
@@ -92,6 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
         # Not in the paper (an option to test): no semantic positives until the queue is full,
         # so the first pseudo-labels, voted by a few early entries, draw no positives.
         positives_after_queue_full=False,
+        # Semantic positives only for unlabelled images whose k-NN vote share (the
+        # label's share of the L x k neighbours) reaches this; 0 keeps every vote (paper).
+        # Measured: docs/unsure_pseudo_labels.md (wrong positives pull classes together).
+        min_vote_share=0.8,
         num_negatives=ml_collections.FieldReference(None, field_type=int),  # None: all B-1
         same_crop_pairs=False,
     ))

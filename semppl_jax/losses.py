@@ -98,20 +98,26 @@ MAX_OWN_P = 1.0 - 2.0 ** -20
 
 def semantic_positive_from(sh: SharedLogits, online: jax.Array, positives: jax.Array,
                            positive_valid: jax.Array, pairs: Sequence[tuple[int, int]],
-                           temperature: float) -> tuple[jax.Array, jax.Array]:
+                           temperature: float, weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """InfoNCE with a semantic positive in place of the augmentation positive; the
     negatives are the same candidates minus the augmentation positive.
 
     ``positives`` ``[b, M, D]`` with ``positive_valid`` ``[b, M]``. Returns the sum
     of the loss over valid (image, positive, pair) triples and their count: the
     caller divides by the *global* count so that the mean is over the global batch.
+    ``weight`` ``[b]`` scales each image's triples in the sum only, not in the count:
+    an image weighted 0 (an unsure pseudo-label) drops out without raising the weight
+    of the others, so the term shrinks with the share of images that keep it.
     """
     num_views, num_large = sh.lse.shape[:2]
     neg_lse = sh.lse + jnp.log1p(-jnp.minimum(jnp.exp(sh.own_log_p), MAX_OWN_P))  # [V, L, b]
     pos_logits = jnp.einsum("ubd,bmd->ubm", online, positives) / temperature  # [V, b, M]
     loss = jnp.logaddexp(pos_logits[:, None], neg_lse[..., None]) - pos_logits[:, None]  # [V, L, b, M]
     w = pair_weights(pairs, num_views, num_large)
-    total = jnp.sum(loss * w[:, :, None, None] * positive_valid[None, None])
+    per_positive = positive_valid.astype(loss.dtype)
+    if weight is not None:
+        per_positive = per_positive * weight[:, None].astype(loss.dtype)
+    total = jnp.sum(loss * w[:, :, None, None] * per_positive[None, None])
     count = jnp.sum(positive_valid).astype(online.dtype) * w.sum()
     return total, count
 
@@ -135,10 +141,11 @@ def invariance_penalty(online: jax.Array, targets: jax.Array, large_pairs: Seque
 def semantic_positive_loss(online: jax.Array, targets: jax.Array, positives: jax.Array,
                            positive_valid: jax.Array, positive_index: jax.Array,
                            pairs: Sequence[tuple[int, int]], temperature: float,
-                           candidate_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                           candidate_mask: jax.Array | None = None, weight: jax.Array | None = None
+                           ) -> tuple[jax.Array, jax.Array]:
     """``semantic_positive_from`` on freshly built logits."""
     sh = shared_logits(online, targets, positive_index, temperature, candidate_mask)
-    return semantic_positive_from(sh, online, positives, positive_valid, pairs, temperature)
+    return semantic_positive_from(sh, online, positives, positive_valid, pairs, temperature, weight)
 
 
 def sample_candidate_mask(key: jax.Array, global_index: jax.Array, positive_index: jax.Array,

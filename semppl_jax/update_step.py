@@ -162,6 +162,10 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             pos_key, state.queue, working_label, inputs.image_id, global_index, cfg.num_positives)
         if cfg.positives_after_queue_full:  # departs from the paper: see default_config
             positive_valid &= pl_queue.fill_fraction(state.queue) >= 1.0
+        # Unsure votes draw no semantic positive (docs/method.md, step 4): a wrong-class
+        # positive pulls two classes together. Labelled images keep theirs.
+        sure = inputs.is_labelled | (votes.share >= cfg.min_vote_share)
+        sure_weight = sure.astype(jnp.float32) if cfg.min_vote_share > 0 else None
 
         def loss_fn(params):
             online, out, net_state = online_predictions(params)
@@ -172,7 +176,7 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             invariance = losses.invariance_from(sh, large_pairs) if cfg.lam else jnp.zeros((), jnp.float32)
             if cfg.alpha != 0.0:
                 sem_sum, sem_count = losses.semantic_positive_from(sh, online, positives, positive_valid, pairs,
-                                                                   cfg.temperature)
+                                                                   cfg.temperature, sure_weight)
                 l_sempos_share, l_sempos = global_mean(sem_sum, sem_count)
             else:  # the ReLICv2-style baseline, exactly: the term is not built at all
                 l_sempos_share = l_sempos = jnp.zeros((), jnp.float32)
@@ -207,7 +211,7 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             jnp.repeat(all_labels, num_large), jnp.repeat(all_ids, num_large),
             jnp.repeat(all_labelled, num_large))
 
-        metrics = _monitors(aux, inputs, true_label, votes, positive_valid, num_large, num_classes)
+        metrics = _monitors(aux, inputs, true_label, votes, positive_valid, sure, num_large, num_classes)
         num_candidates = global_batch if cfg.num_negatives is None else min(cfg.num_negatives + 1, global_batch)
         metrics["l_augm_ratio"] = metrics["l_augm"] / np.log(num_candidates)
         min_share, entropy = pl_queue.class_occupancy(new_queue, num_classes)
@@ -228,7 +232,7 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def _monitors(aux: dict, inputs: StepInputs, true_label: jax.Array, votes: pl_queue.Votes,
-              positive_valid: jax.Array, num_large: int, num_classes: int) -> dict:
+              positive_valid: jax.Array, sure: jax.Array, num_large: int, num_classes: int) -> dict:
     """Global (all-replica) monitors. ``true_label`` is read here and nowhere else, and only
     by those that need ground truth (``pseudo_label_accuracy``, ``probe_accuracy``); the
     others need none: the leave-own-out k-NN accuracy of the labelled images and how sure
@@ -262,7 +266,10 @@ def _monitors(aux: dict, inputs: StepInputs, true_label: jax.Array, votes: pl_qu
         probe_loss=aux["probe_loss"],
         pseudo_label_accuracy=ratio(jnp.sum(correct_pl), jnp.sum(unlabelled)),
         pseudo_label_coverage=ratio(jnp.sum((pseudo >= 0) & unlabelled), jnp.sum(unlabelled)),
-        semantic_positive_fraction=ratio(jnp.sum(positive_valid[:, 0]), jnp.asarray(pseudo.shape[0])),
+        # Images whose semantic positive enters the loss (drawn, and labelled or voted surely).
+        semantic_positive_fraction=ratio(jnp.sum(positive_valid[:, 0] & sure), jnp.asarray(pseudo.shape[0])),
+        sure_vote_fraction=ratio(jnp.sum(sure & no_label), jnp.sum(no_label)),
+        sure_pseudo_label_accuracy=ratio(jnp.sum(correct_pl & sure), jnp.sum(unlabelled & sure)),
         probe_accuracy=ratio(jnp.sum((probe_pred == probe_target) & probe_valid), jnp.sum(probe_valid)),
         labelled_fraction=ratio(jnp.sum(inputs.is_labelled), jnp.asarray(pseudo.shape[0])),
         loo_knn_accuracy=ratio(jnp.sum((pseudo == inputs.label) & inputs.is_labelled), jnp.sum(inputs.is_labelled)),

@@ -93,6 +93,37 @@ def test_blur_not_drawn_is_exact_identity_and_drawn_blurs():
     assert float(jnp.std(blurred)) < float(jnp.std(x))
 
 
+def _numpy_blur(x, kernel):
+    """Zero-padded separable correlation, rows then columns, one pixel at a time."""
+    r = len(kernel) // 2
+    h, w, _ = x.shape
+    rows = np.zeros_like(x)
+    for i in range(h):
+        for t, k in enumerate(kernel):
+            if 0 <= i + t - r < h:
+                rows[i] += k * x[i + t - r]
+    out = np.zeros_like(x)
+    for j in range(w):
+        for t, k in enumerate(kernel):
+            if 0 <= j + t - r < w:
+                out[:, j] += k * rows[:, j + t - r]
+    return out
+
+
+@pytest.mark.parametrize("impl", sorted(augment.BLURS))
+def test_blur_matches_a_numpy_loop(impl):
+    """Both blurs equal the zero-padded separable Gaussian of the drawn sigma."""
+    x = np.asarray(_images(1)[0], np.float64)[:20, :24]  # not square: rows and columns kept apart
+    key = jax.random.key(3)
+    sigma = float(jax.random.uniform(key, (), minval=0.1, maxval=2.0))
+    t = np.arange(-3, 4)
+    kernel = np.exp(-0.5 * (t / sigma) ** 2)
+    got = augment.BLURS[impl](key, jnp.asarray(x, jnp.float32), 7)
+    np.testing.assert_allclose(np.asarray(got), _numpy_blur(x, kernel / kernel.sum()), atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(augment.BLURS[impl](key, jnp.asarray(x, jnp.float32), 7, apply=False)),
+                                  np.asarray(x, np.float32))
+
+
 def test_augment_views_probabilities():
     """Over many images: jitter applied ~80%, grayscale ~20%, solarise per recipe."""
     cfg = augment_config(flip=True, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,

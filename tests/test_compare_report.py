@@ -113,3 +113,28 @@ def test_alpha0_twin_is_reused_only_for_the_same_pretraining(tmp_path):
     assert compare.alpha0_twin(here, 1, config("0.1", "augment.rotation_degrees=0")) is None
     assert compare.alpha0_twin(here, 1, config("0.1", "optim.base_lr=2")) is None
     assert compare.alpha0_twin(here, 2, config("0.1")) is None
+
+
+def test_unsure_study_pairs_each_variant_run_with_the_same_seeds_alpha0(tmp_path):
+    from benchmarks import unsure_study
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps(dict(step=1, pseudo_label_accuracy=0.5)) + "\n"
+                       + json.dumps(dict(step=2, pseudo_label_accuracy=0.7, sure_vote_fraction=0.4,
+                                         sure_pseudo_label_accuracy=0.95)) + "\n")
+    base = [_result("alpha0", 0, 0.80, knn=0.70), _result("alpha0", 1, 0.90, knn=0.80),
+            _result("alpha0", 2, 0.50, knn=0.50, fraction=0.01)]
+    gate = [dict(_result("semppl", s, top1, knn=knn), pretrain_dir=str(tmp_path))
+            for s, top1, knn in ((0, 0.85, 0.75), (1, 0.88, 0.83), (2, 0.99, 0.99))]  # seed 2: no alpha0 twin
+    (row,) = unsure_study.rows(base, {"gate": gate})
+    assert row["seeds"] == [0, 1] and row["knn_top1"] == pytest.approx([75.0, 83.0])
+    assert row["knn_top1_gain"] == pytest.approx([5.0, 3.0]) and row["top1_gain"] == pytest.approx([5.0, -2.0])
+    assert row["pseudo_label_accuracy"] == pytest.approx(70.0) and row["sure_vote_fraction"] == pytest.approx(40.0)
+    line = unsure_study.table([row]).splitlines()[-1]
+    assert "+4.0 ± 1.0, ahead in 2 of 2" in line and "+1.5 ± 3.5, ahead in 1 of 2" in line and "40 / 95.0" in line
+
+
+def test_alpha0_twin_in_a_workdir_not_made_yet(tmp_path):
+    """alpha = 0 may be the first method of a fresh comparison: no workdir, no twin."""
+    config = mnist5k.get_config("0.01")
+    assert compare.alpha0_twin(str(tmp_path / "new" / "alpha0_0.01_seed0"), 0, config) is None

@@ -28,6 +28,8 @@ METRIC_KEYS = {"step", "loss", "pseudo_label_accuracy", "semantic_positive_fract
     ("model.width_multiplier", 0.3, r"model.width_multiplier: 0.3 must give whole channel counts"),
     ("training.compute_dtype", "float16", "training.compute_dtype"),
     ("augment.rotation_degrees", -5.0, r"augment.rotation_degrees: must be in \[0, 180\]"),
+    ("semppl.min_vote_share", 1.5, r"semppl.min_vote_share: must be in \[0, 1\]"),
+    ("augment.blur_impl", "fft", r"augment.blur_impl: must be one of \['banded_matmul', 'conv'\]"),
 ])
 def test_bad_values_stop_at_start_naming_the_field(field, value, match):
     config = tiny.get_config()

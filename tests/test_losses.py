@@ -54,7 +54,7 @@ def ref_invariance(online, targets, large_pairs, temp):
     return np.mean(vals)
 
 
-def ref_sempos(online, targets, positives, valid, pos, pairs, temp):
+def ref_sempos(online, targets, positives, valid, pos, pairs, temp, weight=None):
     total, count = 0.0, 0
     for u, v in pairs:
         for i in range(online.shape[1]):
@@ -63,7 +63,7 @@ def ref_sempos(online, targets, positives, valid, pos, pairs, temp):
                 if not valid[i, m]:
                     continue
                 e_pos = np.exp(online[u, i] @ positives[i, m] / temp)
-                total += -np.log(e_pos / (e_pos + np.sum(negs)))
+                total += -np.log(e_pos / (e_pos + np.sum(negs))) * (1.0 if weight is None else weight[i])
                 count += 1
     return total, count
 
@@ -114,6 +114,22 @@ def test_semantic_positive_loss_matches_numpy_and_masks_invalid():
         jnp.asarray(online, jnp.float32), jnp.asarray(targets, jnp.float32), jnp.asarray(positives2, jnp.float32),
         jnp.asarray(valid), jnp.asarray(pos), pairs, 0.2)
     assert float(total2) == float(total)
+
+
+def test_image_weights_scale_the_sum_not_the_count():
+    """Unsure images (weight 0) leave the sum; the count, and so the others' weight, stays."""
+    online, targets, positives, valid, pos = _inputs(7)
+    valid[:] = True
+    weight = np.array([1.0, 0.0, 0.5])
+    pairs = losses.view_pairs(4, 2)
+    total, count = losses.semantic_positive_loss(
+        jnp.asarray(online, jnp.float32), jnp.asarray(targets, jnp.float32), jnp.asarray(positives, jnp.float32),
+        jnp.asarray(valid), jnp.asarray(pos), pairs, 0.2, weight=jnp.asarray(weight, jnp.float32))
+    ref_total, ref_count = ref_sempos(online, targets, positives, valid, pos, pairs, 0.2, weight)
+    assert int(count) == ref_count == valid.size * len(pairs)
+    np.testing.assert_allclose(total, ref_total, rtol=TOL, atol=TOL)
+    unweighted, _ = ref_sempos(online, targets, positives, valid, pos, pairs, 0.2)
+    assert ref_total < unweighted - 1.0  # the weights really removed terms
 
 
 def test_invariance_is_zero_for_identical_views_and_gradient_is_finite():

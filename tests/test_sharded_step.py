@@ -58,15 +58,17 @@ def max_abs_diff(a, b):
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("num_negatives", [None, 5])
-def test_eight_devices_equal_one_device(num_negatives):
+@pytest.mark.parametrize("num_negatives,min_vote_share", [(None, 0.0), (5, 0.0), (None, 0.6)])
+def test_eight_devices_equal_one_device(num_negatives, min_vote_share):
     assert jax.device_count() == 8
-    config = make_config(num_negatives=num_negatives)
+    config = make_config(num_negatives=num_negatives, min_vote_share=min_vote_share)
     batches = make_batches(config, 3)
     s1, m1 = run_steps(config, jax.devices()[:1], batches)
     s8, m8 = run_steps(config, jax.devices(), batches)
     # The semantic-positive path really ran (queue filled by step 1 and used after).
     assert m1[-1]["semantic_positive_fraction"] > 0 and m1[-1]["l_sempos"] > 0
+    if min_vote_share:  # the vote-share gate really split the unlabelled images
+        assert any(0 < m["sure_vote_fraction"] < 1 for m in m1[1:])
     for a, b in zip(m1, m8):
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-5, err_msg=k)
@@ -106,6 +108,23 @@ def test_alpha_zero_is_exactly_the_baseline():
         assert step["l_sempos"] == 0.0
         np.testing.assert_allclose(step["loss"], config.semppl.c * step["l_augm"]
                                    + config.semppl.lam * step["invariance"], rtol=1e-6)
+
+
+def test_unsure_votes_leave_the_semantic_term():
+    """With no vote sure enough, only labelled images keep semantic positives: the same
+    state and batch give a smaller semantic term over the same count, and the images
+    that keep one are labelled ones."""
+    batches = make_batches(make_config(), 2)
+    _, m_all = run_steps(make_config(min_vote_share=0.0), jax.devices()[:1], batches)
+    _, m_none = run_steps(make_config(min_vote_share=1.01), jax.devices()[:1], batches)
+    # Step 0 draws no positive (empty queue), so both runs reach step 1 in the same state.
+    assert m_all[0]["loss"] == m_none[0]["loss"]
+    all_1, none_1 = m_all[1], m_none[1]
+    assert none_1["sure_vote_fraction"] == 0.0 and all_1["sure_vote_fraction"] == 1.0
+    assert none_1["l_augm"] == all_1["l_augm"]
+    assert 0 < none_1["l_sempos"] < all_1["l_sempos"]
+    assert 0 < none_1["semantic_positive_fraction"] <= none_1["labelled_fraction"]
+    assert all_1["semantic_positive_fraction"] > none_1["labelled_fraction"]
 
 
 def test_bfloat16_compute_stays_close_to_float32():
