@@ -3,6 +3,7 @@ that fits, step time, samples/s and MFU, as JSON. Sized to finish in < 8 minutes
 
     python benchmarks/device_check.py --out=device_check.json
     python benchmarks/device_check.py --depth=tiny --size=32 --small_size=16 --candidates=8,16   # CPU smoke test
+    python benchmarks/device_check.py --profile --fixed=256 --out=$OUT/profile.json   # where the time goes
 
 Needs JAX, Haiku, optax and ml-collections only (no TensorFlow): batches are
 random uint8 views made on the host once, so the figures are the update step's
@@ -13,6 +14,13 @@ largest batch (and the next smaller candidate if that fails). MFU = the model's
 training FLOPs per sample (``model_flops_per_sample``: XLA's GPU cost analysis
 leaves out library convolutions, so its step count is reported but not used) x
 samples/s / the chip's peak dense bf16 rate.
+
+``--profile`` (``profile.py``) times the step at ``--fixed`` images a device, traces a
+few steps and reduces the trace to device time per category
+(``trace_breakdown.py``), then times the bare forward/backward step, that step
+without BatchNorm, the augmentation alone (each blur, and none), the step with the
+banded-matmul blur and, on GPU, the step with XLA's command buffers off. The JSON
+is rewritten after every phase, so a run cut short still reports what it measured.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ def make_config(args, per_device: int):
     c.views.update(dict(large_size=args.size, small_size=args.small_size))
     c.training.batch_size = per_device
     c.training.compute_dtype = args.dtype
+    c.augment.blur_impl = args.blur_impl
     return c
 
 
@@ -91,13 +100,15 @@ def model_flops_per_sample(config) -> float:
 
 
 def time_steps(compiled, state, batch, warmup: int, iters: int) -> float:
+    """Seconds a call of a compiled ``(state, batch) -> (state, aux)`` step, each call taking
+    the state the last one returned (the step donates it)."""
     for _ in range(warmup):
-        state, m = compiled(state, batch)
-    jax.block_until_ready(m)
+        state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
     t = time.perf_counter()
     for _ in range(iters):
-        state, m = compiled(state, batch)
-    jax.block_until_ready(m)
+        state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
     return (time.perf_counter() - t) / iters
 
 
@@ -115,7 +126,17 @@ def main() -> None:
     p.add_argument("--fixed", type=int, default=None, help="skip the fit search: time this per-device batch")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default="device_check.json")
+    p.add_argument("--profile", action="store_true", help="where the time goes (profile.py), at --fixed images")
+    p.add_argument("--trace_steps", type=int, default=5)
+    p.add_argument("--blur_impl", default="conv", help="augment.blur_impl")
+    p.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/semppl_xla"),
+                   help="persistent compilation cache (--profile)")
     args = p.parse_args()
+    if args.profile:
+        import profile_step
+
+        profile_step.run(args)
+        return
     t_start = time.time()
     device = jax.local_devices()[0]
     mesh = sharding.make_mesh([device])

@@ -39,6 +39,7 @@ def make_config(args):
     c.training.batch_size = args.per_device
     c.training.compute_dtype = args.dtype
     c.semppl.queue_size = args.queue
+    c.augment.blur_impl = args.blur_impl
     return c
 
 
@@ -126,6 +127,7 @@ def main() -> None:
     p.add_argument("--per_device", type=int, default=16)
     p.add_argument("--queue", type=int, default=20_480)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--blur_impl", default="conv", help="augment.blur_impl")
     p.add_argument("--out", default="step_bytes.json")
     p.add_argument("--queue_only", action="store_true", help="only the queue timings (seconds, not minutes)")
     args = p.parse_args()
