@@ -117,15 +117,21 @@ def to_grayscale(x: jax.Array) -> jax.Array:
     return jnp.repeat(gray[..., None], 3, axis=-1)
 
 
+def _blur_kernel(key: jax.Array, kernel_size: int, dtype: Any, sigma_min: float, sigma_max: float,
+                 apply: jax.Array | bool) -> jax.Array:
+    """The 1-D Gaussian of a drawn sigma, normalised; a delta where the blur is not drawn."""
+    sigma = jax.random.uniform(key, (), minval=sigma_min, maxval=sigma_max)
+    radius = kernel_size // 2
+    t = jnp.arange(-radius, radius + 1, dtype=dtype)
+    k = jnp.exp(-0.5 * jnp.square(t / sigma))
+    return jnp.where(apply, k / jnp.sum(k), (t == 0).astype(dtype))
+
+
 def gaussian_blur(key: jax.Array, x: jax.Array, kernel_size: int, sigma_min: float = 0.1,
                   sigma_max: float = 2.0, apply: jax.Array | bool = True) -> jax.Array:
     """Separable Gaussian blur. ``apply=False`` swaps in a delta kernel, which returns
     ``x`` exactly: one convolution whether or not the blur was drawn."""
-    sigma = jax.random.uniform(key, (), minval=sigma_min, maxval=sigma_max)
-    radius = kernel_size // 2
-    t = jnp.arange(-radius, radius + 1, dtype=x.dtype)
-    k = jnp.exp(-0.5 * jnp.square(t / sigma))
-    k = jnp.where(apply, k / jnp.sum(k), (t == 0).astype(x.dtype))
+    k = _blur_kernel(key, kernel_size, x.dtype, sigma_min, sigma_max, apply)
     # Separable depthwise convolution with reflect-free zero padding, as BYOL.
     xh = jax.lax.conv_general_dilated(x[None], jnp.tile(k[:, None, None, None], (1, 1, 1, 3)),
                                       (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -149,11 +155,7 @@ def gaussian_blur_banded(key: jax.Array, x: jax.Array, kernel_size: int, sigma_m
     """``gaussian_blur`` (same draw, same zero padding) as two banded matrix products,
     rows then columns: dense matmuls instead of a per-image grouped convolution, for
     accelerators where those are cheaper. Equal up to float summation order."""
-    sigma = jax.random.uniform(key, (), minval=sigma_min, maxval=sigma_max)
-    radius = kernel_size // 2
-    t = jnp.arange(-radius, radius + 1, dtype=x.dtype)
-    k = jnp.exp(-0.5 * jnp.square(t / sigma))
-    k = jnp.where(apply, k / jnp.sum(k), (t == 0).astype(x.dtype))
+    k = _blur_kernel(key, kernel_size, x.dtype, sigma_min, sigma_max, apply)
     rows = jnp.einsum("ij,jwc->iwc", blur_matrix(k, x.shape[0]), x, precision=jax.lax.Precision.HIGHEST)
     return jnp.einsum("ij,hjc->hic", blur_matrix(k, x.shape[1]), rows, precision=jax.lax.Precision.HIGHEST)
 
