@@ -15,7 +15,7 @@ training FLOPs per sample (``model_flops_per_sample``: XLA's GPU cost analysis
 leaves out library convolutions, so its step count is reported but not used) x
 samples/s / the chip's peak dense bf16 rate.
 
-``--profile`` (``profile.py``) times the step at ``--fixed`` images a device, traces a
+``--profile`` (``profile_step.py``) times the step at ``--fixed`` images a device, traces a
 few steps and reduces the trace to device time per category
 (``trace_breakdown.py``), then times the bare forward/backward step, that step
 without BatchNorm, the augmentation alone (each blur, and none), the step with the
@@ -126,7 +126,7 @@ def main() -> None:
     p.add_argument("--fixed", type=int, default=None, help="skip the fit search: time this per-device batch")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default="device_check.json")
-    p.add_argument("--profile", action="store_true", help="where the time goes (profile.py), at --fixed images")
+    p.add_argument("--profile", action="store_true", help="where the time goes (profile_step.py), at --fixed images")
     p.add_argument("--trace_steps", type=int, default=5)
     p.add_argument("--blur_impl", default="conv", help="augment.blur_impl")
     p.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/semppl_xla"),

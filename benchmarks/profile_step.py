@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import haiku as hk
 import jax
@@ -49,12 +50,7 @@ def _augment_seconds(config, batch, impl: str | None, iters: int) -> float:
     from semppl_jax import augment, update_step
 
     cfg = config.augment.copy_and_resolve_references()
-    blurs = dict(augment.BLURS)
-    if impl is None:
-        augment.BLURS["none"] = lambda key, x, *a, **k: x
-        cfg.blur_impl = "none"
-    else:
-        cfg.blur_impl = impl
+    cfg.blur_impl = impl or "none"
     nl = config.views.num_large
 
     @jax.jit
@@ -65,12 +61,9 @@ def _augment_seconds(config, batch, impl: str | None, iters: int) -> float:
             out = (out, augment.augment_views(key, update_step._views_first(small, False), nl, idx, cfg))
         return out
 
-    try:
+    with mock.patch.dict(augment.BLURS, none=lambda key, x, *a, **k: x):  # "none": the image as it is
         return seconds_per_call(run, jax.random.key(0), jax.device_put(batch["large"]),
                                 jax.device_put(batch["small"]), iters=iters)
-    finally:
-        augment.BLURS.clear()
-        augment.BLURS.update(blurs)
 
 
 def run(args) -> dict:
@@ -95,19 +88,22 @@ def run(args) -> dict:
                   phases={})
     t0 = time.time()
 
+    def save() -> None:
+        report["elapsed_s"] = round(time.time() - t0, 1)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
     def record(name: str, **fields) -> None:
         if "step_s" in fields:
             fields["samples_per_s"] = b / fields["step_s"]
             fields["mfu"] = None if peak is None else per_sample * b / fields["step_s"] / peak
         report["phases"][name] = fields
-        report["elapsed_s"] = round(time.time() - t0, 1)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        save()
         print(json.dumps({name: {k: v for k, v in fields.items() if k != "breakdown"}}), flush=True)
 
     # 1. The SemPPL step, traced, then timed (the step donates its state: each call
     # takes the state the previous one returned).
-    compiled, state, batch, usage, _, secs = dc.compile_step(config, mesh)
+    compiled, state, batch, _, _, secs = dc.compile_step(config, mesh)
     with tempfile.TemporaryDirectory() as trace_dir:
         state = tb.trace_steps(compiled, state, batch, args.trace_steps, trace_dir)
         breakdown = tb.breakdown(compiled.as_text(), trace_dir, args.trace_steps, module="update_step")
@@ -161,6 +157,5 @@ def run(args) -> dict:
             else:
                 record("semppl_command_buffers_off", error=done.stderr[-500:])
     report["total_s"] = round(time.time() - t0, 1)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    save()
     return report

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from benchmarks.compare import by_seed, finished_runs  # noqa: E402
+from semppl_jax.metric_writers import read_jsonl  # noqa: E402
 
 _BASE = flags.DEFINE_string("base_dir", None, "compare.py workdir with the recipe's SemPPL and alpha = 0 runs.",
                             required=True)
@@ -37,13 +38,8 @@ _TITLE = flags.DEFINE_string("title", "", "A line above the table (the recipe th
 def _final(run: dict, key: str) -> float | None:
     """``key`` in the last logged step of the run's pretraining (None where not logged)."""
     path = os.path.join(run.get("pretrain_dir") or "", "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    last = None
-    with open(path) as f:
-        for line in f:
-            last = json.loads(line)
-    return None if last is None or key not in last else float(last[key])
+    records = read_jsonl(path) if os.path.exists(path) else []
+    return float(records[-1][key]) if records and key in records[-1] else None
 
 
 def _mean_se(vals: list[float]) -> tuple[float, float]:
