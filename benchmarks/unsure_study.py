@@ -5,8 +5,8 @@ Reads ``compare.py`` workdirs: one with the recipe's SemPPL and the alpha = 0 ru
 ``--methods=semppl --set=...``). Every variant run is paired by seed and label
 fraction with the base's alpha = 0 run (same labelled subset, same initialisation).
 Writes ``OUT.md`` (a table: final pseudo-label accuracy, the share of unlabelled
-images whose vote passed ``semppl.min_vote_share`` and their accuracy, k-NN and
-fine-tuned gains, mean ± standard error) and ``OUT.png`` (gains against pseudo-label
+images whose vote passed the gate and their accuracy, the gate's held-out votes' accuracy
+(no labels needed), k-NN and fine-tuned gains, mean ± standard error) and ``OUT.png`` (gains against pseudo-label
 accuracy). The commands behind the shipped figures: ``docs/unsure_pseudo_labels.md``.
 
     python benchmarks/unsure_study.py --base_dir=/tmp/study/base \
@@ -61,7 +61,8 @@ def rows(base: list[dict], variants: dict[str, list[dict]]) -> list[dict]:
                 row[f"{key}_gain"] = [100 * r[key] - a0[r["seed"]] for r in mine]
                 row[key] = [100 * r[key] for r in mine]
                 row[f"alpha0_{key}"] = [a0[r["seed"]] for r in mine]
-            for key in ("pseudo_label_accuracy", "sure_vote_fraction", "sure_pseudo_label_accuracy"):
+            for key in ("pseudo_label_accuracy", "sure_vote_fraction", "sure_pseudo_label_accuracy",
+                        "queue_held_out_accuracy"):
                 vals = [v for v in (_final(r, key) for r in mine) if v is not None]
                 row[key] = 100 * float(np.mean(vals)) if vals else None
             pixels = by_seed(base, "supervised", frac, "pixel_knn_top1")
@@ -75,20 +76,25 @@ def _fmt(vals: list[float], signed: bool = True) -> str:
     if not vals:
         return "–"
     m, se = _mean_se(vals)
-    ahead = f", ahead in {sum(v > 0 for v in vals)} of {len(vals)}" if signed else ""
+    level = sum(v == 0 for v in vals)
+    ahead = f", ahead in {sum(v > 0 for v in vals)} of {len(vals)}" + (f", level in {level}" if level else "")
+    ahead = ahead if signed else ""
     return f"{m:+.1f} ± {se:.1f}{ahead}" if signed else f"{m:.1f} ± {se:.1f}"
 
 
 def table(study: list[dict]) -> str:
-    lines = ["| labels | variant | seeds | pseudo-labels right (%) | sure votes (%) / right (%) | k-NN | "
-             "k-NN − alpha 0 | fine-tuned − alpha 0 | alpha 0 k-NN | raw pixels k-NN |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| labels | variant | seeds | pseudo-labels right (%) | held-out votes right (%) | "
+             "sure votes (%) / right (%) | k-NN | k-NN − alpha 0 | fine-tuned − alpha 0 | alpha 0 k-NN | "
+             "raw pixels k-NN |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(study, key=lambda r: (r["fraction"], r["variant"])):
         pl = "–" if r["pseudo_label_accuracy"] is None else f"{r['pseudo_label_accuracy']:.1f}"
         sure = ("–" if r["sure_vote_fraction"] is None or r["sure_pseudo_label_accuracy"] is None
+                else "0 / –" if r["sure_vote_fraction"] == 0  # none passed: no accuracy to give
                 else f"{r['sure_vote_fraction']:.0f} / {r['sure_pseudo_label_accuracy']:.1f}")
         pixels = "–" if r["pixel_knn"] is None else f"{r['pixel_knn']:.1f}"
-        lines.append(f"| {100 * r['fraction']:g}% | {r['variant']} | {len(r['seeds'])} | {pl} | {sure} | "
+        held = "–" if r.get("queue_held_out_accuracy") is None else f"{r['queue_held_out_accuracy']:.1f}"
+        lines.append(f"| {100 * r['fraction']:g}% | {r['variant']} | {len(r['seeds'])} | {pl} | {held} | {sure} | "
                      f"{_fmt(r['knn_top1'], False)} | {_fmt(r['knn_top1_gain'])} | {_fmt(r['top1_gain'])} | "
                      f"{_fmt(r['alpha0_knn_top1'], False)} | {pixels} |")
     return "\n".join(lines)

@@ -13,6 +13,8 @@ import copy
 import importlib
 
 PROTOCOLS = ("finetune", "linear", "knn")
+# What names the images a pretraining read; the label fraction comes from ``preset``.
+DATA_FIELDS = ("name", "data_dir", "labels_file", "train_split", "eval_split")
 
 
 def get_config(arg: str | None = "finetune,tiny"):
@@ -45,6 +47,8 @@ def for_pretraining(protocol: str, preset: str, pretrain_config, checkpoint: str
     included) and seed, and its labelled subset's seed; ``preset`` names the data and
     label fraction, e.g. ``mnist5k,0.01`` (an alpha=0 encoder can be read at any fraction)."""
     c = get_config(f"{protocol},{preset}")
+    for field in DATA_FIELDS:  # evaluated on the data it was pretrained on (own data included)
+        c.dataset[field] = pretrain_config.dataset[field]
     c.model = copy.deepcopy(pretrain_config.model)
     c.seed = pretrain_config.seed
     c.dataset.label_seed = pretrain_config.dataset.label_seed

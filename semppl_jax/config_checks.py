@@ -68,6 +68,12 @@ def validate(config: Any, num_devices: int, num_processes: int = 1, num_train: i
              f"need alpha >= 0, lam >= 0, c > 0; got {s.alpha}, {s.lam}, {s.c}")
     _require(0.0 <= s.min_vote_share <= 1.0, "semppl.min_vote_share",
              f"must be in [0, 1] (0 keeps every vote), got {s.min_vote_share}")
+    _require(0.0 <= s.min_vote_precision <= 1.0, "semppl.min_vote_precision",
+             f"must be in [0, 1] (0: no measured threshold), got {s.min_vote_precision}")
+    _require(s.gate_samples >= 1, "semppl.gate_samples", f"must be >= 1, got {s.gate_samples}")
+    _require(s.queue_size % v.num_large == 0, "semppl.queue_size",
+             f"{s.queue_size} must be a multiple of views.num_large={v.num_large} (the gate reads "
+             "each labelled image's views as one block of the queue)")
     _require(config.augment.blur_impl in BLURS, "augment.blur_impl",
              f"must be one of {sorted(BLURS)}, got {config.augment.blur_impl!r}")
     _require(s.knn_query in ("target", "online"), "semppl.knn_query",

@@ -169,10 +169,11 @@ class WriteAndPrint:
         if self.writer:
             self.writer.write(r.step, r.scalars)
         s = r.scalars
-        logging.info("%s | loss %.4f l_augm/log(B) %.3f emb-std %.4f loo-knn %.3f pl-share %.3f "
-                     "pl-acc(hidden labels) %.3f queue %.2f lr %.4f%s",
+        logging.info("%s | loss %.4f l_augm/log(B) %.3f emb-std %.4f held-out-knn %.3f pl-share %.3f "
+                     "sure %.2f pl-acc(hidden labels) %.3f queue %.2f lr %.4f%s",
                      self.progress.line(r.step, self.progress.rate(r.step)), s["loss"], s["l_augm_ratio"],
-                     s["embedding_std"], s["loo_knn_accuracy"], s["pseudo_label_vote_share"],
+                     s["embedding_std"], s["queue_held_out_accuracy"], s["pseudo_label_vote_share"],
+                     s["sure_vote_fraction"],
                      s["pseudo_label_accuracy"], s["queue_fill"], s["learning_rate"],
                      f" knn-top1 {s['knn_top1']:.3f}" if "knn_top1" in s else "")
 

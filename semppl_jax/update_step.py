@@ -2,10 +2,11 @@
 
 Read top to bottom, one step is (numbers refer to ``docs/method.md``):
 augment views on device -> target projections, all-gathered (the negatives and
-k-NN queries) -> pseudo-labels by k-NN over the queue (3) -> semantic positives
-(4) -> online forward and the loss ``c (L_augm + alpha L_sempos) + lambda I``
-(1, 2, 5, 6) -> gradients averaged over replicas, LARS, target EMA (7) ->
-enqueue the all-gathered labelled entries (8) -> monitors (9).
+k-NN queries) -> pseudo-labels by k-NN over the queue (3) -> semantic positives,
+kept where the vote passes the vote-share gate (4) -> online forward and the loss
+``c (L_augm + alpha L_sempos) + lambda I`` (1, 2, 5, 6) -> gradients averaged over
+replicas, LARS, target EMA (7) -> enqueue the all-gathered labelled entries (8) ->
+monitors (9).
 
 Every per-example random draw is keyed by the image's global index, and every
 data-dependent normalisation (semantic positives, probe) is by a global count,
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from semppl_jax import augment, losses, networks, optim
+from semppl_jax import augment, losses, networks, optim, vote_gate
 from semppl_jax import queue as pl_queue
 from semppl_jax.sharding import AXIS, global_mean
 
@@ -120,7 +121,7 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
         global_batch = local_batch * num_replicas
         global_index = jax.lax.axis_index(AXIS) * local_batch + jnp.arange(local_batch)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        aug_key, neg_key, pos_key = jax.random.split(key, 3)
+        aug_key, neg_key, pos_key, gate_key = jax.random.split(key, 4)
 
         # Views: [b, V, H, W, 3] (or HWCN: [V, H, W, 3, b]) uint8 -> [V, b, H, W, 3] augmented float.
         large = augment.augment_views(aug_key, _views_first(inputs.large, transposed), 0, global_index,
@@ -164,8 +165,10 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             positive_valid &= pl_queue.fill_fraction(state.queue) >= 1.0
         # Unsure votes draw no semantic positive (docs/method.md, step 4): a wrong-class
         # positive pulls two classes together. Labelled images keep theirs.
-        sure = inputs.is_labelled | (votes.share >= cfg.min_vote_share)
-        sure_weight = sure.astype(jnp.float32) if cfg.min_vote_share > 0 else None
+        held_out, threshold = _vote_gate(state.queue, gate_key, cfg, num_large, num_classes, num_replicas)
+        sure = inputs.is_labelled | (votes.share >= threshold)
+        gated = cfg.min_vote_share > 0 or cfg.min_vote_precision > 0
+        sure_weight = sure.astype(jnp.float32) if gated else None
 
         def loss_fn(params):
             online, out, net_state = online_predictions(params)
@@ -212,6 +215,8 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             jnp.repeat(all_labelled, num_large))
 
         metrics = _monitors(aux, inputs, true_label, votes, positive_valid, sure, num_large, num_classes)
+        metrics.update(vote_share_threshold=threshold,
+                       queue_held_out_accuracy=jnp.sum(held_out.correct) / jnp.maximum(jnp.sum(held_out.valid), 1))
         num_candidates = global_batch if cfg.num_negatives is None else min(cfg.num_negatives + 1, global_batch)
         metrics["l_augm_ratio"] = metrics["l_augm"] / np.log(num_candidates)
         min_share, entropy = pl_queue.class_occupancy(new_queue, num_classes)
@@ -225,6 +230,21 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
         return new_state, metrics
 
     return update_step
+
+
+def _vote_gate(queue: pl_queue.QueueState, key: jax.Array, cfg: Any, num_large: int, num_classes: int,
+               num_replicas: int) -> tuple[vote_gate.HeldOutVotes, jax.Array]:
+    """The gate's held-out votes (all replicas' share, gathered) and its vote-share
+    threshold: the larger of the fixed floor and the measured one (``vote_gate``)."""
+    per_replica = -(-cfg.gate_samples // num_replicas)
+    slots = vote_gate.sample_images(key, queue.labels.shape[0], num_large, per_replica * num_replicas)
+    mine = jax.lax.dynamic_slice_in_dim(slots, jax.lax.axis_index(AXIS) * per_replica, per_replica)
+    local = vote_gate.held_out_votes(queue, mine, num_large, cfg.knn_k, num_classes, cfg.knn_approx)
+    held_out = jax.tree.map(lambda x: jax.lax.all_gather(x, AXIS, tiled=True), local)
+    threshold = jnp.asarray(cfg.min_vote_share, jnp.float32)
+    if cfg.min_vote_precision > 0:
+        threshold = jnp.maximum(threshold, vote_gate.share_threshold(held_out, cfg.min_vote_precision))
+    return held_out, threshold
 
 
 def _all_finite(tree: Any) -> jax.Array:

@@ -67,10 +67,12 @@ def test_evaluation_configs_follow_their_pretraining_run():
     from experiments import eval as eval_presets
 
     pre = mnist5k.get_config("0.1")
-    config_checks.apply_overrides(pre, ["model.width_multiplier=1.0", "model.stem_max_pool=false"])
+    config_checks.apply_overrides(pre, ["model.width_multiplier=1.0", "model.stem_max_pool=false",
+                                        "dataset.name=folder:/data/own", "dataset.eval_split=val"])
     pre.seed = pre.dataset.label_seed = 3
     knn = eval_presets.for_pretraining("knn", "mnist5k,0.01", pre, "/runs/a/pretrain")
     assert knn.model.to_dict() == pre.model.to_dict()
+    assert (knn.dataset.name, knn.dataset.eval_split) == ("folder:/data/own", "val")  # the data it read
     assert (knn.seed, knn.dataset.label_seed, knn.dataset.label_subset) == (3, 3, "0.01")
     assert (knn.eval.protocol, knn.eval.checkpoint, knn.eval.knn_k) == ("knn", "/runs/a/pretrain", 20)
     knn.model.width_multiplier = 0.5  # a copy: the pretraining config is not touched
@@ -121,7 +123,7 @@ def test_unsure_study_pairs_each_variant_run_with_the_same_seeds_alpha0(tmp_path
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text(json.dumps(dict(step=1, pseudo_label_accuracy=0.5)) + "\n"
                        + json.dumps(dict(step=2, pseudo_label_accuracy=0.7, sure_vote_fraction=0.4,
-                                         sure_pseudo_label_accuracy=0.95)) + "\n")
+                                         sure_pseudo_label_accuracy=0.95, queue_held_out_accuracy=0.625)) + "\n")
     base = [_result("alpha0", 0, 0.80, knn=0.70), _result("alpha0", 1, 0.90, knn=0.80),
             _result("alpha0", 2, 0.50, knn=0.50, fraction=0.01)]
     gate = [dict(_result("semppl", s, top1, knn=knn), pretrain_dir=str(tmp_path))
@@ -132,6 +134,7 @@ def test_unsure_study_pairs_each_variant_run_with_the_same_seeds_alpha0(tmp_path
     assert row["pseudo_label_accuracy"] == pytest.approx(70.0) and row["sure_vote_fraction"] == pytest.approx(40.0)
     line = unsure_study.table([row]).splitlines()[-1]
     assert "+4.0 ± 1.0, ahead in 2 of 2" in line and "+1.5 ± 3.5, ahead in 1 of 2" in line and "40 / 95.0" in line
+    assert "| 70.0 | 62.5 | 40 / 95.0 |" in line
 
 
 def test_alpha0_twin_in_a_workdir_not_made_yet(tmp_path):

@@ -29,6 +29,9 @@ METRIC_KEYS = {"step", "loss", "pseudo_label_accuracy", "semantic_positive_fract
     ("training.compute_dtype", "float16", "training.compute_dtype"),
     ("augment.rotation_degrees", -5.0, r"augment.rotation_degrees: must be in \[0, 180\]"),
     ("semppl.min_vote_share", 1.5, r"semppl.min_vote_share: must be in \[0, 1\]"),
+    ("semppl.min_vote_precision", -0.1, r"semppl.min_vote_precision: must be in \[0, 1\]"),
+    ("semppl.gate_samples", 0, "semppl.gate_samples: must be >= 1"),
+    ("semppl.queue_size", 129, r"semppl.queue_size: 129 must be a multiple of views.num_large=2"),
     ("augment.blur_impl", "fft", r"augment.blur_impl: must be one of \['banded_matmul', 'conv'\]"),
 ])
 def test_bad_values_stop_at_start_naming_the_field(field, value, match):

@@ -58,17 +58,27 @@ def max_abs_diff(a, b):
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("num_negatives,min_vote_share", [(None, 0.0), (5, 0.0), (None, 0.6)])
-def test_eight_devices_equal_one_device(num_negatives, min_vote_share):
+EVERY_VOTE = dict(min_vote_share=0.0, min_vote_precision=0.0)  # the paper: no gate
+
+
+@pytest.mark.parametrize("num_negatives,gate", [
+    (None, EVERY_VOTE), (5, EVERY_VOTE),
+    (None, dict(min_vote_share=0.6, min_vote_precision=0.0)),  # a fixed threshold
+    # A measured one; random images give held-out votes near chance, hence the low bar.
+    (None, dict(min_vote_share=0.0, min_vote_precision=0.1)),
+])
+def test_eight_devices_equal_one_device(num_negatives, gate):
     assert jax.device_count() == 8
-    config = make_config(num_negatives=num_negatives, min_vote_share=min_vote_share)
+    config = make_config(num_negatives=num_negatives, **gate)
     batches = make_batches(config, 3)
     s1, m1 = run_steps(config, jax.devices()[:1], batches)
     s8, m8 = run_steps(config, jax.devices(), batches)
     # The semantic-positive path really ran (queue filled by step 1 and used after).
     assert m1[-1]["semantic_positive_fraction"] > 0 and m1[-1]["l_sempos"] > 0
-    if min_vote_share:  # the vote-share gate really split the unlabelled images
+    if gate.get("min_vote_share"):  # the vote-share gate really split the unlabelled images
         assert any(0 < m["sure_vote_fraction"] < 1 for m in m1[1:])
+    if gate.get("min_vote_precision"):  # the measured threshold opened on gathered held-out votes
+        assert any(0 < m["queue_held_out_accuracy"] < 1 and m["vote_share_threshold"] <= 1 for m in m1)
     for a, b in zip(m1, m8):
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-5, err_msg=k)
@@ -115,8 +125,8 @@ def test_unsure_votes_leave_the_semantic_term():
     state and batch give a smaller semantic term over the same count, and the images
     that keep one are labelled ones."""
     batches = make_batches(make_config(), 2)
-    _, m_all = run_steps(make_config(min_vote_share=0.0), jax.devices()[:1], batches)
-    _, m_none = run_steps(make_config(min_vote_share=1.01), jax.devices()[:1], batches)
+    _, m_all = run_steps(make_config(**EVERY_VOTE), jax.devices()[:1], batches)
+    _, m_none = run_steps(make_config(min_vote_share=1.01, min_vote_precision=0.0), jax.devices()[:1], batches)
     # Step 0 draws no positive (empty queue), so both runs reach step 1 in the same state.
     assert m_all[0]["loss"] == m_none[0]["loss"]
     all_1, none_1 = m_all[1], m_none[1]

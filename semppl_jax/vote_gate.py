@@ -1,0 +1,74 @@
+"""Which unlabelled images draw semantic positives: the vote-share gate.
+
+A wrong pseudo-label's semantic positive pulls two classes together, and the
+next votes, cast in that embedding, go wrong more often. The gate passes an
+unlabelled image only if its k-NN vote share reaches a threshold. The
+threshold is measured every step without ground truth: labelled images in the
+queue are voted by the *other* labelled entries (their own left out), and the
+threshold is the lowest vote share at which those held-out votes are at least
+``min_vote_precision`` right. Where the held-out votes are never that right
+(e.g. one labelled image a class: no other entry of its class), the gate
+closes; where they are right at any share, it opens fully, as in the paper.
+
+The queue is identical on every replica; each replica votes its share of the
+sampled images and the results are all-gathered, so every replica derives the
+same threshold.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from semppl_jax import queue as pl_queue
+
+CLOSED = 2.0  # a threshold no vote share (at most 1) reaches
+
+
+class HeldOutVotes(NamedTuple):
+    """Leave-own-out votes of labelled images sampled from the queue."""
+
+    share: jax.Array  # [n] the vote's share of the L x k neighbours
+    correct: jax.Array  # [n] bool: the vote is the entry's label
+    valid: jax.Array  # [n] bool: the sampled slot holds one labelled image's L views
+
+
+def sample_images(key: jax.Array, queue_size: int, num_large: int, num: int) -> jax.Array:
+    """``num`` image slots, uniform with replacement. ``push`` writes each labelled
+    image's L views to L consecutive entries from a multiple of L (``queue_size`` is
+    checked to be one), so slot ``g`` is entries ``g L .. g L + L - 1``."""
+    return jax.random.randint(key, (num,), 0, queue_size // num_large)
+
+
+def held_out_votes(queue: pl_queue.QueueState, slots: jax.Array, num_large: int, k: int,
+                   num_classes: int, approx: bool = False) -> HeldOutVotes:
+    """Votes each slot's L views over the queue with the image's own entries left
+    out: the same vote an unlabelled image gets, on an image whose label is known."""
+    entries = slots[:, None] * num_large + jnp.arange(num_large)[None, :]  # [n, L]
+    queries = jnp.swapaxes(queue.embeddings[entries], 0, 1)  # [L, n, D]
+    labels, ids = queue.labels[entries], queue.ids[entries]
+    valid = jnp.all(labels >= 0, axis=1) & jnp.all(ids == ids[:, :1], axis=1) & jnp.all(
+        labels == labels[:, :1], axis=1)
+    votes = pl_queue.vote(queue, queries, k, num_classes, approx, exclude_ids=ids[:, 0])
+    return HeldOutVotes(share=votes.share, correct=valid & (votes.label == labels[:, 0]), valid=valid)
+
+
+def share_threshold(held_out: HeldOutVotes, min_precision: float) -> jax.Array:
+    """The lowest vote share ``t`` such that the valid held-out votes with share >= t
+    are at least ``min_precision`` right; :data:`CLOSED` if no share qualifies.
+
+    O(n log n): shares sorted once; for each candidate, the votes at or above it are
+    the suffix from its first occurrence (ties counted together).
+    """
+    share = jnp.where(held_out.valid, held_out.share, -1.0)  # invalid: below every candidate
+    order = jnp.argsort(share)
+    s = share[order]
+    right = (held_out.correct & held_out.valid)[order].astype(jnp.float32)
+    first = jnp.searchsorted(s, s, side="left")  # each candidate's first tie
+    right_below = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(right)])[first]
+    num_above = (s.shape[0] - first).astype(jnp.float32)
+    right_above = jnp.sum(right) - right_below
+    ok = (s >= 0) & (right_above >= min_precision * num_above)
+    return jnp.min(jnp.where(ok, s, CLOSED))
