@@ -20,7 +20,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the run (labelled subset stays 
 
 
 def plot_curves(metrics_path: str, out_path: str) -> str | None:
-    """Loss, pseudo-label accuracy and semantic-positive fraction over steps."""
+    """Losses, pseudo-label accuracy and the queue and gate over steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,9 +39,9 @@ def plot_curves(metrics_path: str, out_path: str) -> str | None:
     axes[0].plot(steps, [r["l_augm_ratio"] for r in records], "--", label="L_augm / log B (1 = chance)")
     axes[0].set_title("losses")
     axes[1].plot(steps, [r["pseudo_label_accuracy"] for r in records], label="pseudo-label acc. (hidden labels)")
-    if "loo_knn_accuracy" in records[-1]:
-        axes[1].plot(steps, [r.get("loo_knn_accuracy", float("nan")) for r in records], ":",
-                     label="leave-own-out k-NN acc. (no labels needed)")
+    if "queue_held_out_accuracy" in records[-1]:
+        axes[1].plot(steps, [r.get("queue_held_out_accuracy", float("nan")) for r in records], ":",
+                     label="held-out k-NN acc. of the queue (no labels needed)")
     axes[1].plot(steps, [r["probe_accuracy"] for r in records], label="online probe acc.")
     knn = [(r["step"], r["knn_top1"]) for r in records if "knn_top1" in r]
     if knn:
@@ -50,8 +50,11 @@ def plot_curves(metrics_path: str, out_path: str) -> str | None:
     axes[1].set_title("accuracy on unlabelled / test images")
     axes[2].plot(steps, [r["semantic_positive_fraction"] for r in records], label="with a semantic positive")
     axes[2].plot(steps, [r["queue_fill"] for r in records], label="queue fill")
+    if "vote_share_threshold" in records[-1]:
+        axes[2].plot(steps, [r["vote_share_threshold"] if r.get("vote_share_threshold", 2.0) <= 1.0 else float("nan")
+                             for r in records], ":", label="gate's vote-share threshold (gap: shut)")
     axes[2].set_ylim(0, 1.05)
-    axes[2].set_title("queue")
+    axes[2].set_title("queue and vote-share gate")
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
