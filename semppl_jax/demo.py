@@ -51,8 +51,11 @@ def plot_curves(metrics_path: str, out_path: str) -> str | None:
     axes[2].plot(steps, [r["semantic_positive_fraction"] for r in records], label="with a semantic positive")
     axes[2].plot(steps, [r["queue_fill"] for r in records], label="queue fill")
     if "vote_share_threshold" in records[-1]:
-        axes[2].plot(steps, [r["vote_share_threshold"] if r.get("vote_share_threshold", 2.0) <= 1.0 else float("nan")
-                             for r in records], ":", label="gate's vote-share threshold (gap: shut)")
+        from semppl_jax.vote_gate import CLOSED
+
+        axes[2].plot(steps, [float("nan") if r.get("vote_share_threshold", CLOSED) >= CLOSED else
+                             r["vote_share_threshold"] for r in records], ":",
+                     label="gate's vote-share threshold (gap: shut)")
     axes[2].set_ylim(0, 1.05)
     axes[2].set_title("queue and vote-share gate")
     for ax in axes:
