@@ -19,26 +19,18 @@ import os
 import numpy as np
 
 
-def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
-    """A boolean test mask holding ``round(test_fraction * n_c)`` images of each class."""
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(labels), bool)
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        test[rng.choice(idx, int(round(test_fraction * len(idx))), replace=False)] = True
-    return test
-
-
 def lay_out(root: str, test_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
     """Writes the folder (once: an existing one is checked, not rewritten); returns the
     number of images per split."""
     import tensorflow as tf
     from sklearn.datasets import load_digits
 
+    from semppl_jax.datasets import stratified_subset
+
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [n, 8, 8, 1]
     labels = digits.target.astype(np.int64)
-    test = split_indices(labels, test_fraction, seed)
+    test = stratified_subset(labels, test_fraction, seed)  # round(fraction * n) of each class
     counts = {"train": int(np.sum(~test)), "test": int(np.sum(test))}
     marker = os.path.join(root, "layout.json")
     if os.path.exists(marker):

@@ -49,8 +49,7 @@ def held_out_votes(queue: pl_queue.QueueState, slots: jax.Array, num_large: int,
     entries = slots[:, None] * num_large + jnp.arange(num_large)[None, :]  # [n, L]
     queries = jnp.swapaxes(queue.embeddings[entries], 0, 1)  # [L, n, D]
     labels, ids = queue.labels[entries], queue.ids[entries]
-    valid = jnp.all(labels >= 0, axis=1) & jnp.all(ids == ids[:, :1], axis=1) & jnp.all(
-        labels == labels[:, :1], axis=1)
+    valid = jnp.all(labels >= 0, axis=1) & jnp.all(ids == ids[:, :1], axis=1)  # one image's L views
     votes = pl_queue.vote(queue, queries, k, num_classes, approx, exclude_ids=ids[:, 0])
     return HeldOutVotes(share=votes.share, correct=valid & (votes.label == labels[:, 0]), valid=valid)
 

@@ -10,14 +10,6 @@ from benchmarks import held_out_digits
 from semppl_jax import datasets
 
 
-def test_split_is_stratified_and_seeded():
-    labels = np.repeat(np.arange(3), [10, 20, 31])
-    test = held_out_digits.split_indices(labels, 0.2, seed=0)
-    assert [int(np.sum(test & (labels == c))) for c in range(3)] == [2, 4, 6]
-    np.testing.assert_array_equal(test, held_out_digits.split_indices(labels, 0.2, seed=0))
-    assert not np.array_equal(test, held_out_digits.split_indices(labels, 0.2, seed=1))
-
-
 def test_folder_holds_every_digit_once_with_its_class_and_pixels(tmp_path):
     from sklearn.datasets import load_digits
 
@@ -25,6 +17,8 @@ def test_folder_holds_every_digit_once_with_its_class_and_pixels(tmp_path):
     counts = held_out_digits.lay_out(str(root))
     digits = load_digits()
     assert counts == {"train": 1438, "test": 359} and sum(counts.values()) == len(digits.target)
+    test_counts = np.bincount(datasets.load_source(f"folder:{root}", "test").labels, minlength=10)
+    np.testing.assert_array_equal(test_counts, np.round(0.2 * np.bincount(digits.target)))  # stratified
     seen = {}
     for split in ("train", "test"):
         source = datasets.load_source(f"folder:{root}", split)
