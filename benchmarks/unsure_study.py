@@ -76,10 +76,11 @@ def _fmt(vals: list[float], signed: bool = True) -> str:
     if not vals:
         return "–"
     m, se = _mean_se(vals)
+    if not signed:
+        return f"{m:.1f} ± {se:.1f}"
     level = sum(v == 0 for v in vals)
-    ahead = f", ahead in {sum(v > 0 for v in vals)} of {len(vals)}" + (f", level in {level}" if level else "")
-    ahead = ahead if signed else ""
-    return f"{m:+.1f} ± {se:.1f}{ahead}" if signed else f"{m:.1f} ± {se:.1f}"
+    return (f"{m:+.1f} ± {se:.1f}, ahead in {sum(v > 0 for v in vals)} of {len(vals)}"
+            + (f", level in {level}" if level else ""))
 
 
 def table(study: list[dict]) -> str:
