@@ -11,6 +11,10 @@ Two measurements, both by ``rchar`` (bytes a process read, ``/proc/self/io``):
    same folder: for each process in turn (in this process), the bytes its index scan,
    one epoch of its stream, and a resume 4.5 epochs in (first batch) read, in units of
    its ideal share (the data's size / N).
+3. **Evaluation**, the same simulated processes at 1% labels: the bytes fine-tuning's
+   stream reads in its first and later epochs, in units of the labelled records the
+   process uses, and the online k-NN's support batches at the first and later
+   evaluations, in units of the support images it embeds.
 
 ``python benchmarks/input_scaling.py [--processes 4 --images 1000 --size 320]``.
 Prints tables and writes JSON (``--out``).
@@ -174,6 +178,58 @@ def simulated_reads(source, total_bytes: int, processes: int) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- 3: evaluation
+
+
+def record_sizes(source) -> np.ndarray:
+    """Each id's encoded image bytes (read once, before any measurement)."""
+    sizes = np.zeros(source.num_ids, np.int64)
+    for ex in source.records().as_numpy_iterator():
+        sizes[ex["image_id"]] = len(ex["image"])
+    return sizes
+
+
+def evaluation_reads(source, processes: int, fraction: float, epochs: int = 5) -> list[dict]:
+    """Per process, at ``fraction`` labels: the bytes fine-tuning's stream (and linear's on the
+    labelled subset) reads in its first epoch and on average in the later ones, and the bytes
+    the online k-NN's support batches read at the first and the later evaluations, each in
+    units of the labelled records (support images) that process uses."""
+    from experiments import tiny
+    from semppl_jax import datasets, input_pipeline
+
+    config = tiny.get_config()
+    sizes = record_sizes(source)
+    labelled = datasets.stratified_subset(source.labels, fraction, 0)
+    support = np.flatnonzero(labelled)
+    rows = []
+    for p in range(processes):
+        lo, hi = datasets.share_range(source.num_ids, p, processes)
+        mine = support[(support >= lo) & (support < hi)]
+        local, per_epoch = 1, len(mine)  # a batch an image: an epoch is exactly the labelled images
+        it = input_pipeline.train_dataset(source, labelled, config, local, 0, p, processes,
+                                          only_labelled=True).as_numpy_iterator()
+        reads = []
+        for _ in range(epochs):
+            before = rchar()
+            for _ in range(per_epoch):
+                next(it)
+            reads.append(rchar() - before)
+        del it
+        part = np.array_split(support, processes)[p]
+        ds = input_pipeline.eval_dataset(source, config, local, p, processes, ids=support, keep_crops=True)
+        knn = []
+        for _ in range(epochs):
+            before = rchar()
+            for _ in ds.as_numpy_iterator():
+                pass
+            knn.append(rchar() - before)
+        lab_bytes, support_bytes = sizes[mine].sum(), sizes[part].sum()
+        rows.append(dict(process=p, labelled=int(len(mine)), finetune_first=reads[0] / lab_bytes,
+                         finetune_later=float(np.mean(reads[1:])) / lab_bytes, support=int(len(part)),
+                         knn_first=knn[0] / support_bytes, knn_later=float(np.mean(knn[1:])) / support_bytes))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--processes", type=int, default=4)
@@ -181,6 +237,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--shards", type=int, default=32)
     parser.add_argument("--skip_launcher", action="store_true")
+    parser.add_argument("--eval_fraction", type=float, default=0.01)
     parser.add_argument("--out", default="input_scaling.json")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -214,6 +271,20 @@ def main() -> None:
             report["simulated"][name] = rows
             for r in rows:
                 print(f"   {name:28s} {r['process']:7d} {r['startup']:9.2f} {r['epoch']:7.2f} {r['resume']:21.2f}")
+        print(f"3. evaluation at {args.eval_fraction:.0%} labels, simulated processes ({args.processes}): bytes "
+              f"read in units of the labelled records (fine-tune) or support images (online k-NN) each uses",
+              flush=True)
+        report["evaluation"] = {}
+        print(f"   {'source':28s} {'process':>7s} {'labelled':>8s} {'fine-tune: epoch 1':>19s} {'later':>6s} "
+              f"{'k-NN: eval 1':>13s} {'later':>6s}")
+        for name, (source, _) in runs.items():
+            if source.labels is None:  # TFDS: labels from the index
+                source = datasets.index_source(source, False)
+            rows = evaluation_reads(source, args.processes, args.eval_fraction)
+            report["evaluation"][name] = rows
+            for r in rows:
+                print(f"   {name:28s} {r['process']:7d} {r['labelled']:8d} {r['finetune_first']:19.2f} "
+                      f"{r['finetune_later']:6.2f} {r['knn_first']:13.2f} {r['knn_later']:6.2f}")
         del builder
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from semppl_jax import multihost
 from semppl_jax.paths import workdir_path
 
 T = TypeVar("T")
@@ -176,27 +177,11 @@ def latest_step(workdir: str | epath.Path) -> int | None:
 READ_ATTEMPTS = 8
 
 
-class _Vanished(Exception):
-    """The step being read was deleted meanwhile (by the run that wrote it)."""
-
-
-def _read_live(read: Callable[[], T], what: str) -> T:
-    """``read()``, again while the checkpoint it reads vanishes under it.
-
-    A running job deletes its oldest step (``keep``) while an evaluator lists or reads
-    the same directory; Orbax or TensorStore then fail on a path that was complete a
-    moment before. Each retry starts from a fresh listing.
-    """
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            return read()
-        except _Vanished as e:
-            if attempt + 1 == READ_ATTEMPTS:
-                raise RuntimeError(f"{what}: the latest checkpoint was deleted while being read "
-                                   f"{READ_ATTEMPTS} times; is a run saving faster than it can be read?"
-                                   ) from e.__cause__
-            time.sleep(0.05 * 2 ** attempt)
-    raise AssertionError("unreachable")
+def _latest_or_raise(directory: epath.Path) -> int:
+    steps = ocp.utils.checkpoint_steps(directory) if directory.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint under {directory}")
+    return max(steps)
 
 
 def _read_checkpoint(workdir: str, config: Any, step: int | None, signature: Callable[[int], dict],
@@ -205,40 +190,47 @@ def _read_checkpoint(workdir: str, config: Any, step: int | None, signature: Cal
     ``step`` (the latest if None), after refusing a checkpoint whose ``signature`` fields
     differ from the config's.
 
-    Only the chosen step's directory is opened (no manager listing every step), so a
-    live run saving beside the reader is harmless; if it deletes the latest step while
-    it is read, the read starts again from the new latest. Any other failure is raised.
+    The step is chosen on process 0 and broadcast, so every process reads the same one.
+    Only that step's directory is opened (no manager listing every step), so a live run
+    saving beside the reader is harmless; if it deletes the chosen step while it is read
+    (``keep``), every process starts again from the new latest. Any other failure, on any
+    process, is raised on every process.
     """
     from semppl_jax import update_step
 
     directory = workdir_path(workdir) / "checkpoints"  # Orbax reads absolute paths only
-    if step is None and latest_step(workdir) is None:
-        raise FileNotFoundError(f"no checkpoint under {directory}")
-
-    def attempt() -> T:
-        chosen = step if step is not None else latest_step(workdir)
+    value: Any = None
+    for attempt in range(READ_ATTEMPTS):
+        chosen = step if step is not None else multihost.decided_by_process_zero(lambda: _latest_or_raise(directory))
         path = directory / str(chosen)
+        outcome = "ok"
         try:
             if not path.is_dir():
                 raise FileNotFoundError(
                     f"no checkpoint {path} (complete steps: {sorted(ocp.utils.checkpoint_steps(directory))})")
-            meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-                path / "meta", args=ocp.args.JsonRestore())
+            meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / "meta", args=ocp.args.JsonRestore())
             check_resume(meta, signature(meta["num_classes"]), path)
             shapes = jax.eval_shape(
                 lambda: update_step.init_state(config, jax.random.key(0), meta["num_classes"], 1, 1))
-            return read(path, shapes, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-        except ConfigDriftError:
-            raise
-        except Exception as e:
+            value = read(path, shapes, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+        except ConfigDriftError as e:
+            outcome, value = "error", e
+        except Exception as e:  # noqa: BLE001 - a step being deleted by the run, or a real error
             # The run deletes old steps (``keep``): a step it is deleting may still be listed
             # while its files go, but it is never the newest. A failed newest step is an error.
             steps = ocp.utils.checkpoint_steps(directory) if directory.is_dir() else []
-            if step is None and (chosen not in steps or chosen != max(steps, default=chosen)):
-                raise _Vanished() from e
-            raise
-
-    return _read_live(attempt, directory)
+            vanished = step is None and (chosen not in steps or chosen != max(steps, default=chosen))
+            outcome, value = ("vanished" if vanished else "error"), e
+        outcomes = multihost.allgather_json(outcome)
+        if outcome == "error":
+            raise value
+        if "error" in outcomes:
+            raise RuntimeError(f"reading checkpoint {path} failed on process {outcomes.index('error')} (see its log)")
+        if "vanished" not in outcomes:
+            return value
+        time.sleep(0.05 * 2 ** attempt)
+    raise RuntimeError(f"{directory}: the latest checkpoint was deleted while being read {READ_ATTEMPTS} times; "
+                       f"is a run saving faster than it can be read?") from value
 
 
 def restore_encoder(workdir: str, config: Any, step: int | None = None) -> tuple[dict, dict, int]:

@@ -28,6 +28,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from semppl_jax import folder_listing, multihost
+
 SUBSET_FILES = {"1pct": "1percent.txt", "10pct": "10percent.txt"}
 # Where SimCLR's lists are looked for when neither subset_cache_dir nor $SEMPPL_SUBSET_DIR is set.
 DEFAULT_SUBSET_DIR = os.path.join(os.path.expanduser("~"), ".cache", "semppl_jax", "imagenet_subsets")
@@ -176,16 +178,6 @@ def mnist5k_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, y[idx].astype(np.int32)
 
 
-def _walk_images(directory: str) -> list[str]:
-    """Paths of every image under ``directory`` (any nesting), relative to it."""
-    found = []
-    for dirpath, _, files in tf.io.gfile.walk(directory):
-        for f in files:
-            if f.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(f"{dirpath.rstrip('/')}/{f}"[len(directory.rstrip('/')) + 1:])
-    return found
-
-
 def read_labels_csv(path: str) -> dict[str, str]:
     """``file_name,class`` rows (a header row ``file_name,...`` is skipped) -> {base name: class}."""
     import csv
@@ -208,60 +200,38 @@ def read_labels_csv(path: str) -> dict[str, str]:
     return labels
 
 
-def folder_source(root: str, split: str | None, labels_file: str | None = None) -> Source:
+def folder_source(root: str, split: str | None, labels_file: str | None = None,
+                  cache_dir: str | None = None) -> Source:
     """Images under ``root/<split>`` (``root`` itself if ``split`` is None), labelled by
     their class directory, ``root/<split>/<class>/**/<image>`` (classes: the sorted
     directory names), or by ``labels_file`` (a CSV of base names and classes; no class
     directories needed). Images under ``unlabelled/``, or not in the CSV, carry no
     label (``true_label`` -1). With ``split`` None and no CSV, every image is unlabelled.
 
-    Only the listing is read here (names, no bytes). Ids are a fixed permutation of the
-    listing sorted by base name, so each process's contiguous share holds every class,
-    and moving an image between a class directory and ``unlabelled/`` keeps its id.
+    Only the listing is read here (names, no bytes; ``folder_listing.shared_listing``:
+    one prefix listing by process 0, cached in ``cache_dir``). Ids are a fixed
+    permutation of the listing sorted by base name, so each process's contiguous share
+    holds every class, and moving an image between a class directory and
+    ``unlabelled/`` keeps its id.
     """
-    if not tf.io.gfile.isdir(root):
-        raise FileNotFoundError(f"dataset.name='folder:{root}': no such directory {root!r}")
     root = root.rstrip("/")
-    if split is None:
-        top = root
-    else:
-        splits = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(f"{root}/{d}"))
-        if split not in splits:
-            raise ValueError(f"image folder {root!r} has splits {splits}, not {split!r} "
-                             f"(expected {root}/{split}/<class>/*.jpg)")
-        top = f"{root}/{split}"
-    rel: list[str] = []
-    labels: list[int] = []
+    top = root if split is None else f"{root}/{split}"
+    names, listing_key = folder_listing.shared_listing(top, cache_dir)
+    if not names:
+        _explain_empty(root, split)
+    images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
     if labels_file:
         by_name = read_labels_csv(labels_file)
         classes = sorted(set(by_name.values()))
-        rel = _walk_images(top)
+        rel = images
         labels = [classes.index(by_name[os.path.basename(r)]) if os.path.basename(r) in by_name else -1 for r in rel]
         if not any(y >= 0 for y in labels):  # a CSV may cover several splits: each matches its own
             raise ValueError(f"dataset.labels_file {labels_file!r}: none of its {len(by_name)} file names "
                              f"matches an image under {top} (e.g. {sorted(by_name)[0]!r})")
     elif split is None:
-        classes, rel = [], _walk_images(top)
-        labels = [-1] * len(rel)
+        classes, rel, labels = [], images, [-1] * len(images)
     else:
-        dirs = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(top) if tf.io.gfile.isdir(f"{top}/{d}"))
-        classes = [d for d in dirs if d != UNLABELLED_DIR]
-        loose = [f for f in tf.io.gfile.listdir(top) if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if loose:
-            raise ValueError(f"image folder {top!r} has {len(loose)} images outside any directory (e.g. "
-                             f"{loose[0]!r}): put each under <class>/ or {UNLABELLED_DIR}/, or label them with "
-                             f"dataset.labels_file")
-        if not classes:
-            raise ValueError(f"image folder {top!r} has no class directories (only {UNLABELLED_DIR}/ or nothing); "
-                             f"label some images with class directories or dataset.labels_file")
-        for c, cls in enumerate(classes):
-            found = _walk_images(f"{top}/{cls}")
-            rel += [f"{cls}/{r}" for r in found]
-            labels += [c] * len(found)
-        if UNLABELLED_DIR in dirs:
-            found = _walk_images(f"{top}/{UNLABELLED_DIR}")
-            rel += [f"{UNLABELLED_DIR}/{r}" for r in found]
-            labels += [-1] * len(found)
+        classes, rel, labels = _by_class_directory(top, images)
     if not rel:
         raise ValueError(f"image folder {top!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
     order = sorted(range(len(rel)), key=lambda i: (os.path.basename(rel[i]), rel[i]))
@@ -269,16 +239,45 @@ def folder_source(root: str, split: str | None, labels_file: str | None = None) 
     rel_names = np.array(rel)[order]
     paths = np.array([f"{top}/{r}" for r in rel_names])
     labels_arr = np.array(labels, np.int32)[order]
-    listing = hashlib.sha1("\n".join(f"{r}\t{y}" for r, y in zip(rel_names, labels_arr)).encode()).hexdigest()
 
     def table(ids: np.ndarray) -> dict[str, np.ndarray]:
         return dict(image_ref=paths[ids], true_label=labels_arr[ids], image_id=ids.astype(np.int32),
                     file_name=rel_names[ids])
 
-    return Source(f"folder:{root}", split or "", len(paths), max(len(classes), 1), True,
-                  dict(name=f"folder:{root}", split=split, n=len(paths), listing=listing, classes=classes),
+    identity = dict(name=f"folder:{root}", split=split, n=len(paths), listing=listing_key, classes=classes,
+                    labels_file=labels_file or None)
+    return Source(f"folder:{root}", split or "", len(paths), max(len(classes), 1), True, identity,
                   table=table, load=_read_file, labels=labels_arr, file_names=rel_names, kind="folder",
                   class_names=tuple(classes))
+
+
+def _by_class_directory(top: str, images: list[str]) -> tuple[list[str], list[str], list[int]]:
+    """(classes, images, labels) of ``<class>/**/<image>`` under ``top``; ``unlabelled/`` gets -1."""
+    loose = [n for n in images if "/" not in n]
+    if loose:
+        raise ValueError(f"image folder {top!r} has {len(loose)} images outside any directory (e.g. "
+                         f"{loose[0]!r}): put each under <class>/ or {UNLABELLED_DIR}/, or label them with "
+                         f"dataset.labels_file")
+    dirs = sorted({n.split("/", 1)[0] for n in images})
+    classes = [d for d in dirs if d != UNLABELLED_DIR]
+    if not classes:
+        raise ValueError(f"image folder {top!r} has no class directories (only {UNLABELLED_DIR}/ or nothing); "
+                         f"label some images with class directories or dataset.labels_file")
+    index = {c: i for i, c in enumerate(classes)}
+    rel = sorted(images, key=lambda n: (n.split("/", 1)[0] == UNLABELLED_DIR, n))  # classes first, as listed
+    labels = [index.get(n.split("/", 1)[0], -1) for n in rel]
+    return classes, rel, labels
+
+
+def _explain_empty(root: str, split: str | None) -> None:
+    """Raises the error for a folder (or split) with no file at all, naming what exists."""
+    if not tf.io.gfile.isdir(root):
+        raise FileNotFoundError(f"dataset.name='folder:{root}': no such directory {root!r}")
+    if split is not None:
+        splits = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root))
+        raise ValueError(f"image folder {root!r} has splits {splits}, not {split!r} "
+                         f"(expected {root}/{split}/<class>/*.jpg)")
+    raise ValueError(f"image folder {root!r} holds no file")
 
 
 def _read_file(ex: dict) -> dict:
@@ -371,9 +370,13 @@ def _split_base_and_offset(split: str) -> tuple[str, int]:
 
 
 def load_source(name: str, split: str, data_dir: str | None = None, synthetic_size: int = 512,
-                synthetic_image_size: int = 40, seed: int = 0, labels_file: str | None = None) -> Source:
-    """Resolves ``dataset.name`` to a :class:`Source` for ``split`` (no image is read)."""
+                synthetic_image_size: int = 40, seed: int = 0, labels_file: str | None = None,
+                cache_dir: str | None = None) -> Source:
+    """Resolves ``dataset.name`` to a :class:`Source` for ``split`` (no image is read; a
+    folder's listing is cached in ``cache_dir``)."""
     if name == "synthetic":
+        if split not in ("train", "test"):
+            raise ValueError(f"synthetic has splits 'train' and 'test', not {split!r}")
         num = synthetic_size if split == "train" else max(synthetic_size // 4, 10)
         images, labels = synthetic_arrays(num, synthetic_image_size, seed=seed + (split != "train"))
         return array_source(images, labels, 10, "synthetic", split)
@@ -381,17 +384,17 @@ def load_source(name: str, split: str, data_dir: str | None = None, synthetic_si
         images, labels = mnist5k_arrays(split)
         return array_source(images, labels, 10, "mnist5k", split)
     if name.startswith("folder:"):
-        return folder_source(name[len("folder:"):], split, labels_file)
+        return folder_source(name[len("folder:"):], split, labels_file, cache_dir)
     if labels_file:
         raise ValueError(f"dataset.labels_file labels an image folder; {name!r} is not one")
     return tfds_source(name, split, data_dir)
 
 
-def load_unlabelled(name: str, split: str, data_dir: str | None = None) -> Source:
+def load_unlabelled(name: str, split: str, data_dir: str | None = None, cache_dir: str | None = None) -> Source:
     """``dataset.unlabelled``: every image under ``folder:/path`` (any nesting), or a TFDS
     dataset's ``split``; labels, if any, are dropped."""
     if name.startswith("folder:"):
-        return folder_source(name[len("folder:"):], None)
+        return folder_source(name[len("folder:"):], None, cache_dir=cache_dir)
     source = tfds_source(name, split, data_dir)
     return dataclasses.replace(source, read_range=lambda lo, hi: source.read_range(lo, hi).map(
         lambda ex: dict(ex, true_label=tf.constant(-1, tf.int32))))
@@ -446,10 +449,10 @@ def load_split(config: Any, split: str, index_dir: str | None = None, labels_nee
     ``index_dir`` when given)."""
     d = config.dataset
     source = load_source(d.name, split, d.data_dir, d.synthetic_size, d.synthetic_image_size, config.seed,
-                         d.labels_file)
+                         d.labels_file, index_dir)
     validate = d.validate_images if d.validate_images is not None else d.name.startswith("folder:")
     if d.unlabelled and split == d.train_split:
-        extra = load_unlabelled(d.unlabelled, d.unlabelled_split, d.data_dir)
+        extra = load_unlabelled(d.unlabelled, d.unlabelled_split, d.data_dir, index_dir)
         source = concat_sources(source, extra)
         validate = validate or d.unlabelled.startswith("folder:")
     return index_source(source, validate, index_dir, labels_needed)
@@ -632,36 +635,50 @@ def _with_index(source: Source, index: SplitIndex) -> Source:
 def resolve_subset_file(spec: str, cache_dir: str | None, fetch: bool = False) -> str:
     """'1pct'/'10pct' -> a copy of SimCLR's list (local or in a bucket).
 
-    Looked up in ``cache_dir``, ``$SEMPPL_SUBSET_DIR`` and ``~/.cache/semppl_jax/imagenet_subsets``;
-    downloaded into ``cache_dir`` only when ``fetch`` is set.
+    Looked up in ``cache_dir``, ``$SEMPPL_SUBSET_DIR`` and ``~/.cache/semppl_jax/imagenet_subsets``
+    on every process; where any process lacks it and ``fetch`` is set, process 0 alone
+    downloads it into ``cache_dir`` (a directory every process reads: the workdir's
+    bucket or a shared filesystem) and the others read it from there.
     """
     fname = SUBSET_FILES[spec]
     candidates = [f"{d.rstrip('/')}/{fname}" for d in
                   (cache_dir, os.environ.get("SEMPPL_SUBSET_DIR"), DEFAULT_SUBSET_DIR) if d]
-    for path in candidates:
-        if tf.io.gfile.exists(path):
-            return path
+    found = next((path for path in candidates if tf.io.gfile.exists(path)), None)
+    everywhere = multihost.allgather_json(found)
+    missing = [p for p, f in enumerate(everywhere) if f is None]
+    if not missing:
+        return found
     url = SIMCLR_SUBSET_URL.format(fname)
-    if fetch:
-        if not cache_dir:
-            raise ValueError("dataset.fetch_subsets needs dataset.subset_cache_dir to download into")
-        import urllib.request
+    if not fetch:
+        where = "" if len(missing) == len(everywhere) else f" on process(es) {missing}"
+        raise FileNotFoundError(
+            f"label_subset={spec!r}: {fname} not found in {candidates}{where}. Put SimCLR's list there "
+            f"(from {url}), set dataset.subset_cache_dir, or allow a download with dataset.fetch_subsets=True.")
+    if not cache_dir:
+        raise ValueError("dataset.fetch_subsets needs dataset.subset_cache_dir to download into")
+    target = f"{cache_dir.rstrip('/')}/{fname}"
+    multihost.decided_by_process_zero(lambda: _download(url, target))
+    if not tf.io.gfile.exists(target):
+        raise FileNotFoundError(f"label_subset={spec!r}: process 0 downloaded {target}, which this process "
+                                f"cannot see: dataset.subset_cache_dir must be shared by every process")
+    return target
 
-        tf.io.gfile.makedirs(cache_dir)
-        target = f"{cache_dir.rstrip('/')}/{fname}"
-        try:
-            with urllib.request.urlopen(url, timeout=30) as r:
-                data = r.read()
-        except OSError as e:
-            raise FileNotFoundError(f"label_subset={spec!r}: could not download {url} ({e}); put the file "
-                                    f"in {cache_dir} by hand") from e
-        with tf.io.gfile.GFile(target + ".tmp", "wb") as f:
-            f.write(data)
-        tf.io.gfile.rename(target + ".tmp", target, overwrite=True)
-        return target
-    raise FileNotFoundError(
-        f"label_subset={spec!r}: {fname} not found in {candidates}. Put SimCLR's list there "
-        f"(from {url}), set dataset.subset_cache_dir, or allow a download with dataset.fetch_subsets=True.")
+
+def _download(url: str, target: str) -> str:
+    """``url`` to ``target`` atomically (temporary name, then rename); process 0 alone."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            data = r.read()
+    except OSError as e:
+        raise FileNotFoundError(f"could not download {url} ({e}); put the file at {target} by hand") from e
+    tf.io.gfile.makedirs(os.path.dirname(target))
+    tmp = f"{target}.tmp.{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+        f.write(data)
+    tf.io.gfile.rename(tmp, target, overwrite=True)
+    return target
 
 
 def read_subset_list(path: str) -> set[str]:

@@ -13,12 +13,8 @@ import logging as pylogging
 from absl import logging
 
 from semppl_jax.paths import workdir_path
-from semppl_jax.periodic_actions import (  # noqa: F401  (the launcher's and callers' names for them)
-    PREEMPTED_EXIT_CODE,
-    CollapseError,
-    Preempted,
-    collapse_signals,
-)
+from semppl_jax.periodic_actions import CollapseError, collapse_signals  # noqa: F401  (callers' names)
+from semppl_jax.preemption import PREEMPTED_EXIT_CODE, Preempted  # noqa: F401
 
 
 class QuietOrbax(pylogging.Filter):

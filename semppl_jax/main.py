@@ -25,10 +25,15 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (mu
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (automatic on TPU VMs and SLURM).")
 
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "pseudo_label"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export", "pseudo_label", "check"],
                           "train: pretrain/resume; eval: the config's eval.protocol; "
                           "export: write WORKDIR/pretrain.pkl in the released format; "
-                          "pseudo_label: write every unlabelled image's k-NN label to WORKDIR/pseudo_labels.csv.")
+                          "pseudo_label: write every unlabelled image's k-NN label to WORKDIR/pseudo_labels.csv; "
+                          "check: the preflight (versions, devices, workdir, data, labels, the step's memory).")
+_EXPECT_PROCESSES = flags.DEFINE_integer("expect_processes", None,
+                                         "--mode=check: the process count the launcher started (fails otherwise).")
+_EXPECT_PLATFORM = flags.DEFINE_string("expect_platform", None,
+                                       "--mode=check: the device platform expected, e.g. tpu or gpu.")
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
                                    "Resume even though fields that define the run (data, labels, seeds, batch, "
                                    "schedule, views) differ from the checkpoint's. Shapes may never change.")
@@ -39,29 +44,42 @@ _STOP_AFTER = flags.DEFINE_integer("stop_after", None,
 
 def main(argv) -> None:
     del argv
-    from semppl_jax import distributed, jobs
+    from semppl_jax import preemption
+
+    preemption.install()  # before anything slow: a SIGTERM during start-up also ends in 75
+    try:
+        _run_mode()
+    except preemption.Preempted as e:  # saved at an agreed step, or nothing to save yet: run us again
+        logging.warning("%s", e)
+        sys.exit(preemption.PREEMPTED_EXIT_CODE)
+
+
+def _run_mode() -> None:
+    from semppl_jax import distributed, jobs, preemption
 
     logging.get_absl_handler().addFilter(jobs.QuietOrbax())
-
     if _DISTRIBUTED.value or _COORDINATOR.value:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
-    if _MODE.value == "train":
-        try:
-            jobs.train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value,
-                       allow_config_change=_ALLOW_CHANGE.value)
-        except jobs.Preempted as e:  # saved at an agreed step: tell the scheduler to run us again
-            logging.warning("%s", e)
-            sys.exit(jobs.PREEMPTED_EXIT_CODE)
-    elif _MODE.value == "eval":
-        jobs.evaluate(_CONFIG.value, _WORKDIR.value)
-    elif _MODE.value == "pseudo_label":
-        from semppl_jax import pseudo_labels
+    if _MODE.value == "train":  # stops at once before its first step, saves first after it
+        jobs.train(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value,
+                   allow_config_change=_ALLOW_CHANGE.value)
+        return
+    with preemption.exit_at_once():  # nothing to save in the other modes
+        if _MODE.value == "check":
+            from semppl_jax import preflight
 
-        pseudo_labels.write_pseudo_labels(_CONFIG.value, _WORKDIR.value)
-    else:
-        jobs.export(_CONFIG.value, _WORKDIR.value)
+            if not preflight.run(_CONFIG.value, _WORKDIR.value, _EXPECT_PROCESSES.value, _EXPECT_PLATFORM.value):
+                sys.exit(preflight.FAILED_EXIT_CODE)
+        elif _MODE.value == "eval":
+            jobs.evaluate(_CONFIG.value, _WORKDIR.value)
+        elif _MODE.value == "pseudo_label":
+            from semppl_jax import pseudo_labels
+
+            pseudo_labels.write_pseudo_labels(_CONFIG.value, _WORKDIR.value)
+        else:
+            jobs.export(_CONFIG.value, _WORKDIR.value)
 
 
 def run() -> None:

@@ -41,12 +41,33 @@ def report(usage: dict[str, int] | None) -> str:
 
 
 def device_limit(device: Any) -> int | None:
-    """Bytes the allocator may use on ``device`` (None on backends that do not say, e.g. CPU)."""
+    """Bytes the allocator may use on ``device``. A CPU device's memory is the host's: the
+    memory available now, shared by the process's CPU devices. None where neither is known."""
     try:
         stats = device.memory_stats()
     except Exception:  # noqa: BLE001
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return stats["bytes_limit"]
+    if device.platform == "cpu":
+        available = host_available_bytes()
+        if available is not None:
+            import jax
+
+            return available // max(1, jax.local_device_count("cpu"))
+    return None
+
+
+def host_available_bytes() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo`` (Linux), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
         return None
-    return None if not stats else stats.get("bytes_limit")
+    return None
 
 
 def check_fits(usage: dict[str, int] | None, limit: int | None, config: Any, num_devices: int) -> None:

@@ -23,18 +23,8 @@ import jax
 import numpy as np
 from absl import logging
 
-# Exit status of a run stopped by a preemption notice after saving: EX_TEMPFAIL from
-# sysexits.h ("temporary failure, try again"). Non-zero so that schedulers do not
-# mark the job Completed; distinct from crashes (1) and from being killed (137, 143).
-PREEMPTED_EXIT_CODE = 75
-
-
-class Preempted(Exception):
-    """The run saved a checkpoint at an agreed step and stopped on a preemption notice."""
-
-    def __init__(self, step: int):
-        super().__init__(f"preempted: saved step {step}; rerun the same command to resume")
-        self.step = step
+from semppl_jax import preemption
+from semppl_jax.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
 class CollapseError(RuntimeError):
@@ -206,10 +196,10 @@ class CheckpointAndStop:
     meta: dict
     end_step: int
     stop_on_collapse: bool
-    local_signal: dict  # {"signal": ...}: set by a single process's SIGTERM handler
 
     def __call__(self, r: Report) -> None:
-        preempted = self.local_signal["signal"] is not None or self.ckpt.reached_preemption(r.step)
+        # One process: its own handler's notice. Several: the step JAX's preemption service agreed on.
+        preempted = preemption.local_notice() or self.ckpt.reached_preemption(r.step)
         stop_collapse = bool(r.collapsed) and self.stop_on_collapse
         if preempted or stop_collapse or r.step == self.end_step or self.ckpt.should_save(r.step):
             if not bool(jax.device_get(r.metrics["finite"])):  # replicated: the same on every process

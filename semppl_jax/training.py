@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import itertools
 import math
-import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +27,7 @@ from semppl_jax import (
     evaluation,
     input_pipeline,
     memory,
+    preemption,
     sharding,
     update_step,
 )
@@ -77,21 +77,6 @@ def _open_checkpointer(config: Any, root: Any, meta: dict, allow_config_change: 
     return ckpt, resume_step
 
 
-def _sigterm_flag(closing) -> dict:
-    """Preemption. With several processes, JAX's preemption service (started by
-    jax.distributed.initialize) catches SIGTERM on any host and agrees on a step; a
-    Python handler would replace its C handler, so none is installed then. A single
-    process has no such service: a Python handler sets a flag, read once a step."""
-    flag: dict[str, int | None] = {"signal": None}
-    if jax.process_count() == 1:
-        def on_signal(signum, _frame):
-            flag["signal"] = signum
-
-        previous = signal.signal(signal.SIGTERM, on_signal)
-        closing.callback(signal.signal, signal.SIGTERM, previous)
-    return flag
-
-
 def _compile(step_fn, state, batch, config: Any):
     """Compiles once, explicitly, to check memory before the first step."""
     t0 = time.time()
@@ -123,7 +108,7 @@ def _actions(config: Any, root: Any, source: Any, labelled: Any, mesh: Any, ckpt
         pa.Throughput(t.batch_size, source.num_unreadable),
         pa.WriteAndPrint(writer, Progress(total_steps, start_step)),
         pa.CollapseGuard(int(round(config.optim.warmup_epochs * steps_per_epoch)), config.model.projection_size, t),
-        pa.CheckpointAndStop(ckpt, meta, end_step, t.stop_on_collapse, _sigterm_flag(closing)),
+        pa.CheckpointAndStop(ckpt, meta, end_step, t.stop_on_collapse),
     ]
     if t.profile_first_step is not None:
         profile = pa.Profile(t.profile_first_step, t.profile_num_steps, str(root / "profile"))
@@ -191,11 +176,12 @@ def train(config: Any, workdir: str, stop_after: int | None = None, allow_config
     ``CollapseError`` (after saving) when ``training.stop_on_collapse`` is set and a
     collapse signal fires after warm-up.
     """
-    run = setup(config, workdir, stop_after, allow_config_change)
+    with preemption.exit_at_once():  # nothing to save before the first step
+        run = setup(config, workdir, stop_after, allow_config_change)
     if isinstance(run, dict):
         return run
     state, step = run.state, run.start_step
-    with run.closing:
+    with run.closing, preemption.save_first():
         for batch in itertools.islice(run.batches, run.end_step - run.start_step):
             state, metrics = run.step_fn(state, batch)
             step += 1

@@ -23,6 +23,9 @@ def _writer(directory, keep=1):
     return checkpointing.Checkpointer(str(directory / "checkpoints"), keep=keep, every_steps=1, async_save=False)
 
 
+# A read whose step is deleted under it leaves Orbax's pending coroutines to be collected
+# with the error they met: expected here, and retried from a fresh choice of step.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_reading_while_a_live_run_saves_and_deletes(tmp_path, saved):
     """A run saving every step with ``keep=1`` deletes each step right after the next
     is written; ``latest_step``, ``restore_encoder`` and ``restore_state`` beside it

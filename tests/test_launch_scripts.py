@@ -1,18 +1,22 @@
-"""The cluster launch scripts as shipped: Slurm gives every GPU a process, and both
-scripts run again after a preemption (exit 75). ``srun``, ``scontrol`` and ``gcloud``
-are stand-ins on PATH that record their calls; the Slurm script's run is real (two
-tasks of the tiny preset under a Slurm environment, jax.distributed on localhost)."""
+"""The Slurm script as shipped: every GPU gets a process, the preflight runs first, a failed
+task ends the step, a SIGTERM at any moment ends in 75 and requeues. ``srun`` is a
+stand-in that runs the tasks for real, each in a clean home directory (two tasks of the
+tiny preset under a Slurm environment, jax.distributed on localhost); ``scontrol``
+records its calls."""
 
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
 from semppl_jax import distributed
 from tests.conftest import REPO
+from tests.test_multihost_launcher import _env as launcher_env
 from tests.test_multiprocess import free_port
 
 
@@ -68,46 +72,92 @@ def test_shipped_sbatch_asks_for_a_task_per_gpu():
 
 def write_tool(bin_dir, name: str, body: str) -> None:
     path = bin_dir / name
-    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.write_text(body)
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-FAKE_SRUN = """
-# Starts $FAKE_TASKS tasks of the command on this machine with Slurm's environment.
-if [ -n "${FAKE_SRUN_STATUS:-}" ]; then echo "srun $*" >> "$FAKE_LOG"; exit "$FAKE_SRUN_STATUS"; fi
-pids=()
-for i in $(seq 0 $((FAKE_TASKS - 1))); do
-  SLURM_JOB_ID=$FAKE_JOB SLURM_STEP_NODELIST=localhost SLURM_NTASKS=$FAKE_TASKS SLURM_PROCID=$i \
-  SLURM_LOCALID=$i SLURM_NODEID=0 SLURM_STEP_TASKS_PER_NODE=$FAKE_TASKS "$@" > "$FAKE_LOG.task$i" 2>&1 &
-  pids+=($!)
-done
-status=0
-for p in "${pids[@]}"; do wait "$p" || status=$?; done
-exit $status
+FAKE_SRUN = f"""#!{sys.executable}
+# Stand-in for srun: $FAKE_TASKS tasks of the command on this machine, each with Slurm's
+# environment and a home directory of its own that starts empty. --kill-on-bad-exit ends
+# the step as soon as a task fails (TERM, then KILL); a SIGTERM to srun reaches every task.
+import os, signal, subprocess, sys, time
+args, kill_on_bad_exit = sys.argv[1:], False
+while args and args[0].startswith("-"):
+    kill_on_bad_exit |= args.pop(0) in ("-K", "-K1", "--kill-on-bad-exit", "--kill-on-bad-exit=1")
+log = os.environ["FAKE_LOG"]
+with open(log + ".srun", "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+step = sum(1 for _ in open(log + ".srun"))
+if os.environ.get("FAKE_SRUN_STATUS"):
+    sys.exit(int(os.environ["FAKE_SRUN_STATUS"]))
+n, procs = int(os.environ["FAKE_TASKS"]), []
+for i in range(n):
+    home = f"{{log}}.home{{step}}.{{i}}"
+    os.makedirs(home)
+    env = dict(os.environ, HOME=home, SLURM_JOB_ID=os.environ["FAKE_JOB"], SLURM_STEP_NODELIST="localhost",
+               SLURM_NTASKS=str(n), SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NODEID="0",
+               SLURM_STEP_TASKS_PER_NODE=str(n))
+    cmd = args
+    if os.environ.get("FAKE_CRASH_TASK") == str(i):  # a task that dies as a GPU fault would
+        cmd = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+    procs.append(subprocess.Popen(cmd, env=env, stdout=open(f"{{log}}.task{{i}}", "a"), stderr=subprocess.STDOUT))
+signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in procs if p.poll() is None])
+bad = None
+while any(p.poll() is None for p in procs):
+    codes = [p.poll() for p in procs]
+    bad = bad or next((c if c > 0 else 128 - c for c in codes if c not in (None, 0)), None)
+    if bad and kill_on_bad_exit:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        time.sleep(5)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    time.sleep(0.1)
+codes = [p.wait() for p in procs]
+bad = bad or next((c if c > 0 else 128 - c for c in codes if c != 0), 0)
+with open(log + ".srun", "a") as f:
+    f.write(f"exit {{bad}}\\n")
+sys.exit(bad)
 """
 
 
-def run_sbatch(tmp_path, extra_env: dict, *args: str) -> subprocess.CompletedProcess:
+def run_sbatch(tmp_path, extra_env: dict, *args: str, background: bool = False):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     write_tool(bin_dir, "srun", FAKE_SRUN)
-    write_tool(bin_dir, "scontrol", 'echo "scontrol $*" >> "$FAKE_LOG"\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    write_tool(bin_dir, "scontrol", '#!/usr/bin/env bash\necho "scontrol $*" >> "$FAKE_LOG"\n')
+    env = {k: v for k, v in launcher_env(4).items() if not k.startswith("SLURM_")}  # with the compile cache
     env.update(PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{env['PATH']}", FAKE_LOG=str(tmp_path / "log"),
-               FAKE_TASKS="2", FAKE_JOB=str(free_port()), SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="4242",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               JAX_DISABLE_MOST_OPTIMIZATIONS="true", CONFIG="experiments/tiny.py", **extra_env)
-    return subprocess.run(["bash", str(REPO / "launch" / "slurm_gpu.sbatch"), "tiny", str(tmp_path / "run"),
-                           str(tmp_path / "tfds"), *args], env=env, capture_output=True, text=True, timeout=900)
+               FAKE_TASKS="2", FAKE_JOB=str(free_port()), SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_ID="4242",
+               EXPECT_PLATFORM="cpu",
+               SLURM_NTASKS="2", XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               JAX_DISABLE_MOST_OPTIMIZATIONS="true", CONFIG=str(REPO / "experiments" / "tiny.py"),
+               PYTHONPATH=str(REPO),
+               **extra_env)
+    cmd = ["bash", str(REPO / "launch" / "slurm_gpu.sbatch"), "tiny", str(tmp_path / "run"), str(tmp_path / "tfds"),
+           *args]
+    if background:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_sbatch_script_runs_two_tasks_to_the_end(tmp_path):
-    """The script as shipped, under srun with two tasks: both join one JAX job (8 devices)
-    and finish the run; no requeue."""
+def task_logs(tmp_path) -> str:
+    return "\n".join((tmp_path / f"log.task{i}").read_text() for i in range(2) if (tmp_path / f"log.task{i}").exists())
+
+
+def test_sbatch_script_runs_the_preflight_then_two_tasks_to_the_end(tmp_path):
+    """The script as shipped, under srun with two tasks, each in a clean home: the preflight
+    passes on both, then both join one JAX job (8 devices) and finish; no requeue."""
     done = run_sbatch(tmp_path, {}, "--config.training.num_steps=4", "--config.training.log_every_steps=2")
-    logs = "\n".join((tmp_path / f"log.task{i}").read_text()[-3000:] for i in range(2))
-    assert done.returncode == 0, done.stderr + logs
+    logs = task_logs(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr + logs
+    assert "preflight: all checks passed" in logs and "8 cpu devices, 4 on each of 2 processes" in logs
     assert "devices: 8 (4 local) on 2 processes" in logs
+    steps = (tmp_path / "log.srun").read_text().splitlines()
+    assert [line.split()[0] for line in steps] == ["--kill-on-bad-exit=1", "exit", "--kill-on-bad-exit=1", "exit"]
+    assert "--mode=check" in steps[0] and "--mode=check" not in steps[2]
     assert (tmp_path / "run" / "train_summary.json").exists() and not (tmp_path / "log").exists()
 
 
@@ -117,55 +167,39 @@ def test_sbatch_script_requeues_a_preempted_run(tmp_path):
     assert (tmp_path / "log").read_text().splitlines()[-1] == "scontrol requeue 4242"
 
 
-FAKE_GCLOUD = """
-# Records each call; the slice's state and the run's exit statuses come from files.
-echo "gcloud $*" >> "$FAKE_LOG"
-case "$*" in
-  *" describe "*) s=$(head -n1 "$FAKE_STATES"); sed -i 1d "$FAKE_STATES"; [ "$s" = NONE ] && exit 1; echo "$s";;
-  *"cat ~/semppl_status"*) cat "$FAKE_DIR/last_status";;
-  *"semppl_jax.main"*) s=$(head -n1 "$FAKE_RUNS"); sed -i 1d "$FAKE_RUNS"; echo "$s" > "$FAKE_DIR/last_status"
-                       exit "$s";;
-esac
-exit 0
-"""
+def test_a_crashed_task_ends_the_step_at_once_and_requeues_a_bounded_number_of_times(tmp_path):
+    """Task 1 dies (SIGSEGV) while task 0 waits for it in jax.distributed: srun's
+    --kill-on-bad-exit ends the step within seconds; the job requeues until MAX_FAILURES
+    crashes in a row, then gives up."""
+    for attempt in range(1, 4):
+        t0 = time.time()
+        done = run_sbatch(tmp_path, {"FAKE_CRASH_TASK": "1", "MAX_FAILURES": "2"})
+        assert done.returncode == 139, done.stdout + done.stderr
+        assert time.time() - t0 < 60
+        requeues = (tmp_path / "log").read_text().splitlines() if (tmp_path / "log").exists() else []
+        assert len(requeues) == min(attempt, 2), (attempt, requeues, done.stderr)
+    assert "3 failures in a row; giving up" in done.stderr
 
 
-def run_pod(tmp_path, states: list[str], runs: list[int]) -> tuple[subprocess.CompletedProcess, list[str]]:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    write_tool(bin_dir, "gcloud", FAKE_GCLOUD)
-    (tmp_path / "states").write_text("\n".join(states) + "\n")
-    (tmp_path / "runs").write_text("\n".join(map(str, runs)) + "\n")
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(tmp_path / "log"),
-               FAKE_STATES=str(tmp_path / "states"), FAKE_RUNS=str(tmp_path / "runs"), FAKE_DIR=str(tmp_path),
-               PROJECT="p", ZONE="z", TPU="t", BUCKET="gs://b", REPO_URL="https://example.invalid/semppl_jax.git")
-    done = subprocess.run(["bash", str(REPO / "launch" / "tpu_pod.sh"), "resnet50,1pct",
-                           "--config.training.batch_size=2048"], env=env, capture_output=True, text=True, timeout=60)
-    return done, (tmp_path / "log").read_text().splitlines()
+def test_sigterm_to_the_job_before_training_begins_ends_in_75(tmp_path):
+    """Slurm's SIGTERM (preemption, scancel) reaches the batch shell while the tasks build
+    the training step: the shell passes it on, the tasks stop at once with 75 (nothing to
+    save yet), and the job requeues."""
+    proc = run_sbatch(tmp_path, {}, "--config.training.num_steps=400", background=True)
+    deadline = time.time() + 300
+    while "train set:" not in task_logs(tmp_path):
+        assert time.time() < deadline and proc.poll() is None, task_logs(tmp_path)
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out + task_logs(tmp_path)[-5000:]
+    assert (tmp_path / "log").read_text().splitlines()[-1] == "scontrol requeue 4242"
+    assert "nothing to save yet" in task_logs(tmp_path)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")
 
 
-def jax_pin() -> str:
-    return re.search(r"^jax==(\S+)", (REPO / "requirements.txt").read_text(), re.M).group(1)
-
-
-def test_pod_script_runs_again_after_exit_75_with_the_pinned_jax(tmp_path):
-    done, calls = run_pod(tmp_path, ["READY"] * 6, [75, 75, 0])
-    assert done.returncode == 0, done.stdout + done.stderr
-    runs = [c for c in calls if "semppl_jax.main" in c]
-    assert len(runs) == 3 and all("--workdir=gs://b/semppl/resnet50_1pct" in c for c in runs)
-    assert all("--config.training.batch_size=2048" in c for c in runs)
-    installs = [c for c in calls if "jax[tpu]" in c]
-    assert len(installs) == 1 and f"-r requirements.txt 'jax[tpu]=={jax_pin()}'" in installs[0]
-    assert not any(" create " in c or " delete " in c for c in calls)
-
-
-def test_pod_script_recreates_a_preempted_slice_and_stops_on_a_crash(tmp_path):
-    # Run 1 dies with the slice (ssh 255, the slice PREEMPTED): delete, create, resume, finish.
-    done, calls = run_pod(tmp_path, ["NONE", "PREEMPTED", "PREEMPTED", "PREEMPTED", "READY"], [255, 0])
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert sum(" create " in c for c in calls) == 2 and sum(" delete " in c for c in calls) == 1
-    assert sum("jax[tpu]" in c for c in calls) == 2  # set up again on the new VMs
-    other = tmp_path / "crash"
-    other.mkdir()
-    done, calls = run_pod(other, ["READY"] * 4, [1, 0])
-    assert done.returncode == 1 and sum("semppl_jax.main" in c for c in calls) == 1
+def test_shipped_sbatch_appends_its_log_and_kills_a_failed_step():
+    text = (REPO / "launch" / "slurm_gpu.sbatch").read_text()
+    opts = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
+    assert opts["open-mode"] == "append" and opts["signal"] == "TERM@120" and "--requeue" in text
+    assert "srun --kill-on-bad-exit=1" in text

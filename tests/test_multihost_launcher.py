@@ -163,3 +163,34 @@ def test_drifted_resume_is_refused_naming_the_field(tmp_path, field, value):
     # Deliberately allowed: it goes on (nothing left to train here), the summary intact.
     jobs.train(drifted, str(tmp_path), allow_config_change=True)
     assert (tmp_path / "train_summary.json").read_text() == summary
+
+
+def _wait_for(paths, text: str, procs, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not any(text in open(p).read() for p in paths):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), _tail(paths)
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_during_start_up_ends_in_75_at_once(tmp_path, processes):
+    """A notice before the first step (here while the step is being built, right after the
+    data is indexed) has nothing to save: every process exits 75 at once, no step is taken
+    and nothing is saved. With two processes the notice reaches one of them only."""
+    workdir = tmp_path / "run"
+    log_paths = [tmp_path / f"p{i}.log" for i in range(processes)]
+    logs = [open(p, "w") for p in log_paths]
+    args = TRAIN_ARGS + [f"--workdir={workdir}"]
+    if processes == 2:
+        procs = _launch(args, free_port(), logs)
+    else:
+        procs = [subprocess.Popen([sys.executable, "-m", "semppl_jax.main", *args], cwd=REPO, env=_env(4),
+                                  stdout=logs[0], stderr=subprocess.STDOUT)]
+    _wait_for(log_paths[-1:], "train set:", procs)
+    procs[-1].send_signal(signal.SIGTERM)
+    t0 = time.time()
+    codes = _wait(procs, 120)
+    assert codes == [jobs.PREEMPTED_EXIT_CODE] * processes, (codes, _tail(log_paths))
+    assert time.time() - t0 < 60
+    assert checkpointing.latest_step(str(workdir)) is None and not (workdir / "metrics.jsonl").exists()
+    assert all("nothing to save yet" in open(p).read() for p in log_paths)

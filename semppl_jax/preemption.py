@@ -1,0 +1,134 @@
+"""Preemption notices: a SIGTERM at any moment ends the job with exit status 75.
+
+Before training's first step there is nothing to save, so the job stops at once;
+once training runs, the loop saves at a step every process agrees on and then
+stops (``periodic_actions.CheckpointAndStop``). Either way the status is 75
+(EX_TEMPFAIL, "try again"), which the launch scripts read as "run me again".
+
+Where a notice is seen:
+- **several processes**: ``jax.distributed.initialize`` installs JAX's own SIGTERM
+  handler, which records the notice in the coordination service under
+  ``RECEIVED_PREEMPTION_NOTICE``, visible to every process, and drives the agreed
+  save. A Python handler would replace it, so none is installed: during start-up a
+  watcher thread polls that key and interrupts the main thread on every process;
+- **one process**: a Python handler, which raises at once during start-up and only
+  records the notice once the loop runs (the loop saves, then stops).
+
+``install()`` runs first in the launcher (a SIGTERM during imports or
+``jax.distributed.initialize`` also ends in 75); ``exit_at_once()`` brackets
+start-up and every job that has nothing to save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+# Exit status of a job stopped by a preemption notice: EX_TEMPFAIL from sysexits.h.
+# Non-zero, so schedulers do not mark the job Completed; distinct from a crash (1)
+# and from a kill (137, 143).
+PREEMPTED_EXIT_CODE = 75
+NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # JAX's preemption sync manager writes it on SIGTERM
+_WAKE_SIGNAL = signal.SIGUSR2  # how the watcher interrupts the main thread (a Python handler)
+_POLL_SECONDS = 0.5
+
+
+class Preempted(BaseException):
+    """A preemption notice stopped the job; ``step`` is the step saved first, if any.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: raised from a signal handler at any
+    point of start-up, it must not be swallowed by a library's ``except Exception``."""
+
+    def __init__(self, step: int | None = None):
+        saved = "nothing to save yet" if step is None else f"saved step {step}"
+        super().__init__(f"preempted ({saved}); rerun the same command to resume")
+        self.step = step
+
+
+_state = dict(notice=False, at_once=False, watching=False)
+
+
+def _on_sigterm(signum, frame) -> None:
+    _state["notice"] = True
+    if _state["at_once"]:
+        raise Preempted()
+
+
+def install() -> None:
+    """The single-process SIGTERM handler (replaced by JAX's when the job is distributed)."""
+    _state.update(notice=False, at_once=True)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _distributed_client():
+    from jax._src import distributed  # the coordination service's client: no public accessor
+
+    return distributed.global_state.client
+
+
+def local_notice() -> bool:
+    """Whether this process's own handler saw a SIGTERM (the single-process loop's check)."""
+    return _state["notice"]
+
+
+def received() -> bool:
+    """Whether a notice arrived: on any process when distributed, else on this one."""
+    if _state["notice"]:
+        return True
+    client = _distributed_client()
+    if client is None:
+        return False
+    try:
+        client.key_value_try_get(NOTICE_KEY)
+    except Exception:  # noqa: BLE001 - NOT_FOUND: no notice yet
+        return False
+    return True
+
+
+def _watch(stop: threading.Event, main_thread: int) -> None:
+    """Several processes: interrupts the main thread once a notice is in, unless the loop runs."""
+    while not stop.wait(_POLL_SECONDS):
+        if _state["at_once"] and received():
+            _state["notice"] = True
+            signal.pthread_kill(main_thread, _WAKE_SIGNAL)
+            return
+
+
+@contextlib.contextmanager
+def exit_at_once() -> Iterator[None]:
+    """Within: a notice raises :class:`Preempted` in the main thread at once (nothing to save)."""
+    if received():
+        raise Preempted()
+    previous = _state["at_once"]
+    _state["at_once"] = True
+    stop = threading.Event()
+    watcher = None
+    if (not _state["watching"] and _distributed_client() is not None
+            and threading.current_thread() is threading.main_thread()):
+        old = signal.signal(_WAKE_SIGNAL, _on_sigterm)
+        watcher = threading.Thread(target=_watch, args=(stop, threading.get_ident()), daemon=True,
+                                   name="preemption-watcher")
+        _state["watching"] = True
+        watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
+            signal.signal(_WAKE_SIGNAL, old)
+            _state["watching"] = False
+        _state["at_once"] = previous
+
+
+@contextlib.contextmanager
+def save_first() -> Iterator[None]:
+    """Within (the training loop): a notice is only recorded; the loop saves, then stops."""
+    previous = _state["at_once"]
+    _state["at_once"] = False
+    try:
+        yield
+    finally:
+        _state["at_once"] = previous
