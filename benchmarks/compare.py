@@ -186,14 +186,8 @@ def variant_report(base: list[dict], variants: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: list[dict], workdir: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fractions = sorted({r["fraction"] for r in results})
-
+def _tables(results: list[dict], fractions: list[float]) -> tuple[str, dict]:
+    """The three tables (fine-tuned, k-NN, paired differences) and the fine-tuned stats for the plot."""
     def values(frac, method, key):
         return list(by_seed(results, method, frac, key).values())
 
@@ -224,11 +218,14 @@ def write_report(results: list[dict], workdir: str) -> str:
                _paired(paired_differences(results, frac, "supervised")),
                _paired(paired_differences(results, frac, "alpha0", "knn_top1"))]
         lines.append("| " + " | ".join(row) + " |")
-    table = "\n".join(lines)
-    with open(os.path.join(workdir, "comparison.md"), "w") as f:
-        f.write("Top-1 (%) on the 1,000 MNIST test digits, mean ± standard error over seeds.\n\n" + table + "\n")
-    with open(os.path.join(workdir, "comparison.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    return "\n".join(lines), stats
+
+
+def _plot_bars(stats: dict, fractions: list[float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.25
@@ -243,8 +240,15 @@ def write_report(results: list[dict], workdir: str) -> str:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "comparison.png"), dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_curves(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for r in results:
@@ -257,8 +261,20 @@ def write_report(results: list[dict], workdir: str) -> str:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "pseudo_labels.png"), dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_report(results: list[dict], workdir: str) -> str:
+    """``comparison.md``/``.json`` and the two plots in ``workdir``; returns the tables."""
+    fractions = sorted({r["fraction"] for r in results})
+    table, stats = _tables(results, fractions)
+    with open(os.path.join(workdir, "comparison.md"), "w") as f:
+        f.write("Top-1 (%) on the 1,000 MNIST test digits, mean ± standard error over seeds.\n\n" + table + "\n")
+    with open(os.path.join(workdir, "comparison.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    _plot_bars(stats, fractions, os.path.join(workdir, "comparison.png"))
+    _plot_curves(results, os.path.join(workdir, "pseudo_labels.png"))
     return table
 
 

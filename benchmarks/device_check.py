@@ -112,7 +112,7 @@ def time_steps(compiled, state, batch, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--subset", default="1pct")
@@ -131,22 +131,13 @@ def main() -> None:
     p.add_argument("--blur_impl", default="conv", help="augment.blur_impl")
     p.add_argument("--cache_dir", default=os.path.expanduser("~/.cache/semppl_xla"),
                    help="persistent compilation cache (--profile)")
-    args = p.parse_args()
-    if args.profile:
-        import profile_step
+    return p.parse_args()
 
-        profile_step.run(args)
-        return
-    t_start = time.time()
-    device = jax.local_devices()[0]
-    mesh = sharding.make_mesh([device])
-    limit = memory.device_limit(device)
+
+def _fitting(args, mesh, limit, report: dict) -> list[int]:
+    """1. Memory per image from two compiles (bytes grow linearly with the batch): the
+    candidate batches predicted to fit, largest last."""
     candidates = sorted(int(x) for x in args.candidates.split(","))
-    report = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__, dtype=args.dtype,
-                  remat=args.remat, arch=args.arch, views=f"4x{args.size} + 2x{args.small_size}",
-                  memory_limit_gib=None if limit is None else limit / memory.GIB, probes=[])
-
-    # 1. Memory per image from two compiles (bytes grow linearly with the batch).
     probes = [] if args.fixed else [int(x) for x in args.probe.split(",")]
     peaks = []
     for b in probes:
@@ -156,16 +147,17 @@ def main() -> None:
                                      compile_s=round(secs, 1)))
         print(json.dumps(report["probes"][-1]), flush=True)
     if args.fixed:
-        fitting = [args.fixed]
-    elif limit is not None and None not in peaks:
+        return [args.fixed]
+    if limit is not None and None not in peaks:
         per_image = (peaks[1] - peaks[0]) / (probes[1] - probes[0])
         fixed = peaks[0] - per_image * probes[0]
         report["per_image_gib"], report["fixed_gib"] = per_image / memory.GIB, fixed / memory.GIB
-        fitting = [b for b in candidates if fixed + per_image * b <= 0.95 * limit] or candidates[:1]
-    else:  # no memory figures (e.g. CPU): just the smallest candidate
-        fitting = candidates[:1]
+        return [b for b in candidates if fixed + per_image * b <= 0.95 * limit] or candidates[:1]
+    return candidates[:1]  # no memory figures (e.g. CPU): just the smallest candidate
 
-    # 2. Compile and run the largest predicted fit; step down on failure.
+
+def _time_largest(args, mesh, device, fitting: list[int], report: dict) -> None:
+    """2. Compile and run the largest predicted fit; step down on failure."""
     for b in reversed(fitting):
         try:
             compiled, state, batch, usage, flops, secs = compile_step(make_config(args, b), mesh)
@@ -183,7 +175,24 @@ def main() -> None:
                       peak_tflops=None if peak is None else peak / 1e12,
                       mfu=None if peak is None else achieved / peak,
                       peak_gib=None if usage is None else usage["peak"] / memory.GIB)
-        break
+        return
+
+
+def main() -> None:
+    args = _arguments()
+    if args.profile:
+        import profile_step
+
+        profile_step.run(args)
+        return
+    t_start = time.time()
+    device = jax.local_devices()[0]
+    mesh = sharding.make_mesh([device])
+    limit = memory.device_limit(device)
+    report = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__, dtype=args.dtype,
+                  remat=args.remat, arch=args.arch, views=f"4x{args.size} + 2x{args.small_size}",
+                  memory_limit_gib=None if limit is None else limit / memory.GIB, probes=[])
+    _time_largest(args, mesh, device, _fitting(args, mesh, limit, report), report)
     report["total_s"] = round(time.time() - t_start, 1)
     print(json.dumps(report, indent=2))
     with open(args.out, "w") as f:

@@ -25,7 +25,7 @@ def lay_out(root: str, test_fraction: float = 0.2, seed: int = 0) -> dict[str, i
     import tensorflow as tf
     from sklearn.datasets import load_digits
 
-    from semppl_jax.datasets import stratified_subset
+    from semppl_jax.label_subsets import stratified_subset
 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [n, 8, 8, 1]

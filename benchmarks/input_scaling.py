@@ -4,7 +4,7 @@ Two measurements, both by ``rchar`` (bytes a process read, ``/proc/self/io``):
 
 1. **The launcher, N real processes** (jax.distributed on localhost, one CPU device
    each), the tiny preset (batch 32) on an image folder of noise JPEGs: a fresh run of
-   2 steps, then a resume at step 125 (4 epochs in) for 2 more steps. Each process's
+   2 steps, then a resume 4 epochs in (step 4 x images / 32 + 1) for 2 more steps. Each process's
    bytes less those of the same runs on a folder of 8-pixel JPEGs (what the program
    reads whatever the data), in units of the folder's size.
 2. **Simulated processes over a prepared TFDS dataset with many shards** and over the
@@ -103,7 +103,8 @@ def launcher_reads(processes: int, images: int, size: int, tmp: str) -> dict:
         workdir = os.path.join(tmp, f"run_{name}")
         t = time.time()
         result[f"{name}_fresh"] = launch(processes, folder, workdir, 2, tmp, f"{name}_fresh")
-        launch(processes, folder, workdir, 123, tmp, f"{name}_advance")  # to step 125: 4 epochs of 31 steps
+        resume_at = 4 * (images // 32) + 1  # 4 epochs of the tiny preset's batch of 32, then one step
+        launch(processes, folder, workdir, resume_at - 2, tmp, f"{name}_advance")
         result[f"{name}_resume"] = launch(processes, folder, workdir, 2, tmp, f"{name}_resume")
         print(f"  launcher runs on the {px}-px folder: {time.time() - t:.0f}s", flush=True)
     folder_bytes = result["big_bytes"]
@@ -147,7 +148,7 @@ def make_tfds(data_dir: str, images: int, size: int, shards: int) -> tuple[objec
 def simulated_reads(source, total_bytes: int, processes: int) -> list[dict]:
     """Per process: bytes of its index scan, one epoch, and a resume 4.5 epochs in."""
     from experiments import tiny
-    from semppl_jax import datasets, input_pipeline
+    from semppl_jax import input_pipeline, split_index
 
     config = tiny.get_config()
     ideal = total_bytes / processes
@@ -155,9 +156,9 @@ def simulated_reads(source, total_bytes: int, processes: int) -> list[dict]:
     labelled[::10] = True
     rows = []
     for p in range(processes):
-        lo, hi = datasets.share_range(source.num_ids, p, processes)
+        lo, hi = split_index.share_range(source.num_ids, p, processes)
         before = rchar()
-        datasets._scan_share(source, lo, hi, validate=True)
+        split_index.scan_share(source, lo, hi, validate=True)
         scan = rchar() - before
         local = config.training.batch_size // processes
         steps = (hi - lo) // local
@@ -195,15 +196,15 @@ def evaluation_reads(source, processes: int, fraction: float, epochs: int = 5) -
     the online k-NN's support batches read at the first and the later evaluations, each in
     units of the labelled records (support images) that process uses."""
     from experiments import tiny
-    from semppl_jax import datasets, input_pipeline
+    from semppl_jax import input_pipeline, label_subsets, split_index
 
     config = tiny.get_config()
     sizes = record_sizes(source)
-    labelled = datasets.stratified_subset(source.labels, fraction, 0)
+    labelled = label_subsets.stratified_subset(source.labels, fraction, 0)
     support = np.flatnonzero(labelled)
     rows = []
     for p in range(processes):
-        lo, hi = datasets.share_range(source.num_ids, p, processes)
+        lo, hi = split_index.share_range(source.num_ids, p, processes)
         mine = support[(support >= lo) & (support < hi)]
         local, per_epoch = 1, len(mine)  # a batch an image: an epoch is exactly the labelled images
         it = input_pipeline.train_dataset(source, labelled, config, local, 0, p, processes,
@@ -244,7 +245,7 @@ def main() -> None:
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
-    from semppl_jax import datasets
+    from semppl_jax import datasets, sources, split_index
 
     report: dict = dict(processes=args.processes, images=args.images, size=args.size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -253,7 +254,8 @@ def main() -> None:
                   f"{args.images} noise JPEGs of {args.size} px", flush=True)
             report["launcher"] = r = launcher_reads(args.processes, args.images, args.size, tmp)
             print(f"   folder: {r['big_bytes'] / 1e6:.1f} MB. Bytes read less the 8-px runs', in folder sizes:")
-            print(f"   {'process':>8s} {'fresh, 2 steps':>15s} {'resume at 125, 2 steps':>24s}")
+            resume_at = 4 * (args.images // 32) + 1
+            print(f"   {'process':>8s} {'fresh, 2 steps':>15s} {f'resume at {resume_at}, 2 steps':>24s}")
             for i, (f, s) in enumerate(zip(r["fresh_units"], r["resume_units"])):
                 print(f"   {i:8d} {f:15.3f} {s:24.3f}")
         print(f"2. simulated processes ({args.processes}), in units of the ideal share (data / processes)",
@@ -261,7 +263,7 @@ def main() -> None:
         builder, tfds_bytes = make_tfds(os.path.join(tmp, "tfds"), args.images, args.size, args.shards)
         folder = os.path.join(tmp, "folder_big")
         folder_bytes = report.get("launcher", {}).get("big_bytes") or make_folder(folder, args.images, args.size)
-        runs = {f"prepared TFDS, {args.shards} shards": (datasets.index_source(datasets.tfds_source(
+        runs = {f"prepared TFDS, {args.shards} shards": (split_index.index_source(sources.tfds_source(
                     "noise_images", "train", os.path.join(tmp, "tfds")), False), tfds_bytes),
                 "image folder": (datasets.load_source(f"folder:{folder}", "train"), folder_bytes)}
         report["simulated"] = {}
@@ -279,7 +281,7 @@ def main() -> None:
               f"{'k-NN: eval 1':>13s} {'later':>6s}")
         for name, (source, _) in runs.items():
             if source.labels is None:  # TFDS: labels from the index
-                source = datasets.index_source(source, False)
+                source = split_index.index_source(source, False)
             rows = evaluation_reads(source, args.processes, args.eval_fraction)
             report["evaluation"][name] = rows
             for r in rows:

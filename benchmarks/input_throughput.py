@@ -16,10 +16,10 @@ import numpy as np
 import tensorflow as tf
 
 from experiments import mnist5k
-from semppl_jax import datasets, default_config, input_pipeline
+from semppl_jax import datasets, default_config, input_pipeline, sources
 
 
-def imagenet_like_source(num: int, seed: int = 0) -> datasets.Source:
+def imagenet_like_source(num: int, seed: int = 0) -> sources.Source:
     """Random-texture JPEGs whose sizes follow ImageNet's (median ~500x375, aspect 0.5-2)."""
     rng = np.random.default_rng(seed)
     jpegs = []
@@ -30,7 +30,7 @@ def imagenet_like_source(num: int, seed: int = 0) -> datasets.Source:
         base = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
         img = tf.image.resize(base, [h, w], method="bilinear").numpy().astype(np.uint8)
         jpegs.append(tf.io.encode_jpeg(img, quality=90).numpy())
-    return datasets.array_source(np.array(jpegs, dtype=object), np.zeros(num, np.int32), 1000, "imagenet_like",
+    return sources.array_source(np.array(jpegs, dtype=object), np.zeros(num, np.int32), 1000, "imagenet_like",
                                  "train", encoded=True)
 
 

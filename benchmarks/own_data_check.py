@@ -23,12 +23,13 @@ def lay_out(root: str, fraction: float, seed: int = 0) -> dict[str, int]:
     """Writes the folder; returns {file name: class} of the unlabelled images (kept apart)."""
     import tensorflow as tf
 
-    from semppl_jax import datasets
+    from semppl_jax import label_subsets, sources
 
     hidden = {}
     for split in ("train", "test"):
-        images, labels = datasets.mnist5k_arrays(split)
-        chosen = datasets.stratified_subset(labels, fraction, seed) if split == "train" else np.ones(len(labels), bool)
+        images, labels = sources.mnist5k_arrays(split)
+        chosen = (label_subsets.stratified_subset(labels, fraction, seed) if split == "train"
+                  else np.ones(len(labels), bool))
         for i, (img, y) in enumerate(zip(images, labels)):
             name = f"{split}_{i:05d}.png"
             if chosen[i]:

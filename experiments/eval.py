@@ -24,6 +24,7 @@ def get_config(arg: str | None = "finetune,tiny"):
         raise ValueError(f"eval.py: protocol must be one of {PROTOCOLS}, got {protocol!r}")
     module = importlib.import_module(f"experiments.{preset}")
     c = module.get_config(",".join(parts[2:]) or None)
+    c.job = "eval"  # the launcher runs it with --mode=eval only
     e = c.eval
     e.protocol = protocol
     if protocol == "linear":
@@ -34,11 +35,8 @@ def get_config(arg: str | None = "finetune,tiny"):
         # Best reading (semi-supervised fine-tuning as in BYOL/SimCLRv2): SGD Nesterov,
         # small LR, no weight decay, on the labelled subset alone.
         e.update(dict(train_on="labelled", batch_size=1024, base_lr=0.01, num_epochs=30.0, weight_decay=0.0))
-    if preset == "tiny":
-        e.update(dict(batch_size=32, num_epochs=2.0, crop_scale=(0.3, 1.0)))
-    elif preset == "mnist5k":
-        e.update(dict(batch_size=128, base_lr=0.05 if protocol == "finetune" else 0.4, num_epochs=30.0
-                      if protocol == "finetune" else 10.0, crop_scale=(0.5, 1.0), flip=False))
+    if hasattr(module, "eval_overrides"):  # the preset's own evaluation settings, kept with the preset
+        e.update(module.eval_overrides(protocol))
     return c
 
 

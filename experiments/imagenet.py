@@ -35,7 +35,4 @@ def get_config(arg: str | None = "resnet50,1pct"):
                            eval_every_steps=5000, eval_max_examples=10_000, compute_dtype="bfloat16"))
     # Best reading: the queue holds the labelled entries of about the last 125 steps.
     c.semppl.queue_size = 20_480 if subset == "1pct" else 204_800
-    # The lambda measured to train without collapse on the demo (docs/research_log.md); untested
-    # at ImageNet scale: watch embedding_std and l_augm_ratio (the collapse guard).
-    c.semppl.lam = 0.2
     return c

@@ -37,7 +37,7 @@ MAX_BACKOFF="${MAX_BACKOFF:-1800}"
 EXPECT_PLATFORM="${EXPECT_PLATFORM:-tpu}"  # what the preflight expects jax to find
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 GCLOUD_ARGS=(--zone "$ZONE" --project "$PROJECT")
-LAUNCHER_ARGS=("$@")
+LAUNCHER_ARGS=("$@")  # expanded as ${LAUNCHER_ARGS[@]+"${LAUNCHER_ARGS[@]}"}: it may be empty
 
 say() { echo "[tpu_pod $(date -u +%H:%M:%S)] $*"; }
 
@@ -52,9 +52,9 @@ runtime_for() {  # the TPU software version for an accelerator type (Cloud TPU's
 }
 VERSION="${VERSION:-$(runtime_for "$TYPE")}"
 case "$CAPACITY" in
-  on-demand) CAPACITY_ARGS=() ;;
-  spot) CAPACITY_ARGS=(--spot) ;;
-  reserved) CAPACITY_ARGS=(--reserved) ;;
+  on-demand) CAPACITY_ARGS=(--zone "$ZONE") ;;  # never empty: bash < 4.4 (macOS) calls an empty array unbound
+  spot) CAPACITY_ARGS=(--zone "$ZONE" --spot) ;;
+  reserved) CAPACITY_ARGS=(--zone "$ZONE" --reserved) ;;
   *) echo "CAPACITY=$CAPACITY: one of on-demand, spot, reserved" >&2; exit 2 ;;
 esac
 
@@ -89,11 +89,26 @@ git -C "$HERE" archive --format=tar.gz -o "$ARCHIVE" "$RUN_COMMIT"
 git -C "$HERE" show "$RUN_COMMIT:launch/tpu_worker.sh" > "$TMP/tpu_worker-$RUN_COMMIT.sh"
 
 # ---------------------------------------------------------------- the slice
-qr_state() {
-  gcloud compute tpus queued-resources describe "$TPU" "${GCLOUD_ARGS[@]}" --format='value(state.state)' 2>/dev/null \
-    || echo NONE
+describe() {  # describe WHAT FORMAT: the state; NONE only when gcloud says there is none; UNKNOWN
+  local out                  # when gcloud itself failed (a dropped connection, an expired token): ask again
+  if out="$(gcloud compute tpus "$1" describe "$TPU" "${GCLOUD_ARGS[@]}" --format="$2" 2>&1)"; then
+    echo "$out"
+  elif grep -q "NOT_FOUND" <<< "$out"; then echo NONE
+  else echo UNKNOWN
+  fi
 }
-node_state() { gcloud compute tpus tpu-vm describe "$TPU" "${GCLOUD_ARGS[@]}" --format='value(state)' 2>/dev/null || echo NONE; }
+qr_state() { describe queued-resources 'value(state.state)'; }
+node_state() { describe tpu-vm 'value(state)'; }
+slice_gone() {  # the slice was taken back or failed: seen twice, POLL apart, so a blip is not a loss
+  local look
+  for look in 1 2; do
+    case "$(qr_state) $(node_state)" in
+      NONE\ *|SUSPENDING\ *|SUSPENDED\ *|FAILED\ *|DELETING\ *|*\ PREEMPTED|*\ TERMINATED) ;;
+      *) return 1 ;;
+    esac
+    [ "$look" = 2 ] || sleep "$POLL"
+  done
+}
 worker_count() {
   local ips
   ips="$(gcloud compute tpus tpu-vm describe "$TPU" "${GCLOUD_ARGS[@]}" --format='value(networkEndpoints.ipAddress)')"
@@ -106,7 +121,7 @@ delete_slice() {
 
 NEW_SLICE=0
 ensure_slice() {  # returns once the queued resource is ACTIVE and its node READY (NEW_SLICE=1: made now)
-  local backoff="$POLL" state node
+  local backoff="$POLL" state node out
   NEW_SLICE=0
   while :; do
     state="$(qr_state)"
@@ -118,8 +133,12 @@ ensure_slice() {  # returns once the queued resource is ACTIVE and its node READ
       NONE)
         say "asking for $TYPE ($CAPACITY, runtime $VERSION) as queued resource $TPU"
         NEW_SLICE=1
-        if ! gcloud compute tpus queued-resources create "$TPU" "${GCLOUD_ARGS[@]}" --node-id "$TPU" \
-             --accelerator-type "$TYPE" --runtime-version "$VERSION" "${CAPACITY_ARGS[@]}"; then
+        if ! out="$(gcloud compute tpus queued-resources create "$TPU" --project "$PROJECT" --node-id "$TPU" \
+             --accelerator-type "$TYPE" --runtime-version "$VERSION" "${CAPACITY_ARGS[@]}" 2>&1)"; then
+          echo "$out" >&2
+          if grep -qE "INVALID_ARGUMENT|PERMISSION_DENIED|UNAUTHENTICATED|not found|Invalid" <<< "$out"; then
+            say "the request was refused; fix it and run again" >&2; exit 2
+          fi
           say "the request failed (capacity or quota?); again in ${backoff}s"
           sleep "$backoff"; backoff=$(( backoff * 2 > MAX_BACKOFF ? MAX_BACKOFF : backoff * 2 )); continue
         fi ;;
@@ -127,10 +146,19 @@ ensure_slice() {  # returns once the queued resource is ACTIVE and its node READ
         say "queued resource $TPU is $state; asking again in ${backoff}s"
         delete_slice
         sleep "$backoff"; backoff=$(( backoff * 2 > MAX_BACKOFF ? MAX_BACKOFF : backoff * 2 )); continue ;;
-      *) say "queued resource $TPU: $state" ;;  # WAITING_FOR_RESOURCES, PROVISIONING, SUSPENDING, ...
+      *) say "queued resource $TPU: $state" ;;  # WAITING_FOR_RESOURCES, PROVISIONING, SUSPENDING, UNKNOWN...
     esac
     sleep "$POLL"
   done
+}
+
+key_in_agent() {  # gcloud refuses --worker=all while an ssh-agent runs without its key
+  local key="$HOME/.ssh/google_compute_engine" print
+  [ -n "${SSH_AUTH_SOCK:-}" ] && [ -f "$key" ] || return 0
+  print="$(ssh-keygen -lf "$key" 2>/dev/null | awk '{print $2}')"
+  ssh-add -l 2>/dev/null | grep -qF "$print" && return 0
+  say "adding $key to your ssh-agent (gcloud reaches every worker through it)"
+  ssh-add "$key" || { echo "run 'ssh-add $key': gcloud's --worker=all needs the key in the agent" >&2; exit 2; }
 }
 
 on_workers() {  # on_workers WORKER COMMAND: WORKER is a number or "all"
@@ -148,7 +176,7 @@ start_attempt() {  # start_attempt ATTEMPT WORKERS: the preflight, then training
   local attempt="$1" workers="$2" args=() i pids=() quoted
   args=(--distributed "--config=$CONFIG" "--workdir=$WORKDIR" "--config.dataset.data_dir=$DATA_DIR"
         "--config.dataset.subset_cache_dir=$LABEL_LISTS" --config.dataset.fetch_subsets=True
-        "--expect_processes=$workers" "--expect_platform=$EXPECT_PLATFORM" "${LAUNCHER_ARGS[@]}")
+        "--expect_processes=$workers" "--expect_platform=$EXPECT_PLATFORM" ${LAUNCHER_ARGS[@]+"${LAUNCHER_ARGS[@]}"})
   quoted="$(printf '%q ' "${args[@]}")"
   on_workers all "bash ~/semppl/tpu_worker-$RUN_COMMIT.sh stop-all"
   printf 'attempt %s\ncommit %s\nworkers %s\n' "$attempt" "$RUN_COMMIT" "$workers" | wd_put "$WORKDIR/logs/latest"
@@ -214,7 +242,7 @@ follow() {  # follow ATTEMPT WORKERS -> the outcome when the attempt ends: a sta
   LOG_PART=0 LOG_BYTES=0
   while :; do
     show_new_log "$WORKDIR/logs/$attempt" >&2
-    if [ "$(qr_state)" != ACTIVE ] || [ "$(node_state)" != READY ]; then echo lost; return; fi
+    if slice_gone; then echo lost; return; fi
     outcome="$(attempt_outcome "$attempt" "$workers" $(( $(date +%s) - started )))"
     case "$outcome" in
       running) ;;
@@ -224,7 +252,11 @@ follow() {  # follow ATTEMPT WORKERS -> the outcome when the attempt ends: a sta
           on_workers all "bash ~/semppl/tpu_worker-$RUN_COMMIT.sh stop-all" >&2 || true
           echo "${outcome#running-failed }"; return
         fi ;;
-      *) echo "$outcome"; return ;;
+      0|75|78) echo "$outcome"; return ;;
+      *)  # a crash, or workers dying with their VMs before the slice says so: look again
+        sleep "$POLL"
+        if slice_gone; then echo lost; else echo "$outcome"; fi
+        return ;;
     esac
     sleep "$POLL"
   done
@@ -251,6 +283,7 @@ for restart in $(seq 0 "$MAX_RESTARTS"); do
     say "following the running attempt $attempt ($workers workers); closing this terminal stops nothing"
   else
     workers="$(worker_count)"
+    key_in_agent
     attempt="$(date -u +%Y%m%d-%H%M%S)"
     set_up_workers
     start_attempt "$attempt" "$workers"

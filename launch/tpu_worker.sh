@@ -28,11 +28,9 @@ find_uv() {  # prints a uv of UV_VERSION, installing it for this user if needed
     fi
   done
   log "installing uv $UV_VERSION"
-  if python3 -m pip --version >/dev/null 2>&1; then
-    python3 -m pip install --user --quiet --disable-pip-version-check "uv==$UV_VERSION" >&2
-  else
-    curl -LsSf "https://astral.sh/uv/$UV_VERSION/install.sh" | env UV_NO_MODIFY_PATH=1 sh >&2
-  fi
+  # pip first (every TPU image has it); uv's installer where pip is missing or refuses (PEP 668 images)
+  python3 -m pip install --user --quiet --disable-pip-version-check "uv==$UV_VERSION" >&2 \
+    || curl -LsSf "https://astral.sh/uv/$UV_VERSION/install.sh" | env UV_NO_MODIFY_PATH=1 sh >&2
   echo "$HOME/.local/bin/uv"
 }
 
@@ -74,30 +72,44 @@ start() {
   # The preflight first; training only if it passed. A new session: no SIGHUP from ssh.
   setsid nohup "$py" -m semppl_jax.supervise --log_dir="${log_dir%/}/worker$worker" -- \
     bash -c '"$0" -m semppl_jax.main --mode=check "$@" && exec "$0" -m semppl_jax.main "$@"' "$py" "$@" \
-    > "$run/supervisor.log" 2>&1 < /dev/null &
+    > "$run/supervisor.log" 2>&1 < /dev/null 9>&- &
   echo $! > "$run/pid"
   log "started attempt $attempt (pid $!): logs in ${log_dir%/}/worker$worker"
 }
 
 stop_all() {
-  local pidfile pid
+  local pidfile pid holders
   for pidfile in "$BASE"/runs/*/pid; do
     [ -f "$pidfile" ] || continue
     pid="$(cat "$pidfile")"
     if kill -0 "$pid" 2>/dev/null; then
       log "stopping $(basename "$(dirname "$pidfile")") (pid $pid)"
       kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+      for _ in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
       kill -KILL -- "-$pid" 2>/dev/null || true
     fi
     rm -f "$pidfile"
   done
+  # Whatever else holds the TPU (a run started by another login, a process that outlived its
+  # supervisor) would make JAX fall back to the CPU: freed by device, as libtpu asks.
+  if compgen -G "/dev/accel*" >/dev/null || compgen -G "/dev/vfio/[0-9]*" >/dev/null; then
+    holders="$(sudo -n lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | sort -u | tr '\n' ' ' || true)"
+    if [ -n "${holders// }" ]; then log "freeing the TPU from pids $holders"; sudo -n kill -9 $holders || true; fi
+    sudo -n rm -f /tmp/libtpu_lockfile || true
+  fi
+}
+
+locked() {  # one setup or start at a time on this worker (gcloud may run a command again)
+  mkdir -p "$BASE"
+  exec 9> "$BASE/.lock"
+  flock 9
+  "$@"
 }
 
 case "${1:-}" in
-  setup) setup "$2" ;;
-  start) shift; start "$@" ;;
-  stop-all) stop_all ;;
+  setup) locked setup "$2" ;;
+  start) shift; locked start "$@" ;;
+  stop-all) locked stop_all ;;
   *) echo "usage: tpu_worker.sh setup COMMIT | start COMMIT ATTEMPT WORKER LOG_DIR -- ARGS... | stop-all" >&2
      exit 2 ;;
 esac

@@ -14,7 +14,7 @@ import os
 
 from etils import epath
 
-from semppl_jax.paths import is_uri
+from semppl_jax.paths import is_uri, with_retries
 
 PART_BYTES = 256 * 1024
 PARTS_SUFFIX = ".parts"
@@ -80,13 +80,20 @@ class AppendOnlyFile:
         if not text:
             return
         if self._local is not None:
-            self._local.write(text)
-            self._local.flush()
+            def append() -> None:
+                self._local.write(text)
+                self._local.flush()
+
+            with_retries(append, str(self.path))
             return
         self._part += text
         folder = parts_dir(self.path)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{self._number:08d}").write_text(self._part)  # one object, at most PART_BYTES + a flush
+
+        def write_part() -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{self._number:08d}").write_text(self._part)  # one object, at most PART_BYTES + a flush
+
+        with_retries(write_part, str(folder / f"{self._number:08d}"))
         if len(self._part.encode()) >= PART_BYTES:
             self._number, self._part = self._number + 1, ""
 

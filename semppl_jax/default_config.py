@@ -13,6 +13,7 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.job = "pretrain"  # what the config is for: 'pretrain' (train, export, pseudo_label) or 'eval'
     c.seed = 0
 
     c.dataset = ml_collections.ConfigDict(dict(
@@ -102,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
         # measured), and at least min_vote_share (a fixed floor). Both 0: every vote (paper).
         # Measured: docs/unsure_pseudo_labels.md (wrong positives pull classes together).
         min_vote_share=0.0, min_vote_precision=0.9,
+        # How sure the gate must be of that precision: the one-sided confidence of a Wilson
+        # lower bound over the distinct labelled images voted (0: the point estimate).
+        gate_confidence=0.8,
         gate_samples=512,  # labelled queue images voted a step for the threshold (all replicas)
         num_negatives=ml_collections.FieldReference(None, field_type=int),  # None: all B-1
         same_crop_pairs=False,
@@ -115,6 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.training = ml_collections.ConfigDict(dict(
         batch_size=4096, num_epochs=300.0,
+        # Set: the global batch is this many images a device (batch_size is then ignored),
+        # at most max_batch_fraction of the training images (experiments/folder.py).
+        batch_per_device=ml_collections.FieldReference(None, field_type=int),
+        max_batch_fraction=ml_collections.FieldReference(None, field_type=float),
         num_steps=ml_collections.FieldReference(None, field_type=int),  # overrides num_epochs
         log_every_steps=100,
         checkpoint_every_steps=1000, checkpoint_every_minutes=30.0, keep_checkpoints=3,

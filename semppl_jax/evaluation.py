@@ -24,8 +24,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from semppl_jax import augment, datasets, input_pipeline, multihost, networks, sharding
-from semppl_jax.paths import workdir_path
+from semppl_jax import augment, datasets, input_pipeline, networks, sharding, sources
 from semppl_jax.sharding import AXIS
 
 HEAD = "eval_head"
@@ -66,33 +65,20 @@ def load_pretrained(checkpoint: str, config: Any) -> Pretrained:
     """The online network from our workdir (Orbax, a partial restore of the online
     parameters and state alone) or from a released-format ``pretrain.pkl``.
 
-    Given a workdir holding both, the newer of its latest checkpoint and its
-    ``pretrain.pkl`` is used (a stale export never shadows a newer checkpoint).
+    ``checkpointing.resolve`` decides once, on process 0, what to read: a workdir's newest
+    step, or its ``pretrain.pkl`` when that is at least as new (a stale export never
+    shadows a newer checkpoint; a damaged one is skipped, naming it). Then one read.
     """
     from semppl_jax import checkpointing, export
 
-    if checkpoint.endswith(".pkl"):
-        params, state, step = export.load_pretrain_pkl(checkpoint)
-        return Pretrained(params, state, step, checkpoint)
-    pkl = workdir_path(checkpoint) / "pretrain.pkl"
-    read_here: list = []  # process 0's copy of the pickle, read to learn its step
+    def read(resolved: checkpointing.Resolved) -> Pretrained:
+        if resolved.kind == "pickle":
+            params, state, step = resolved.loaded or export.load_pretrain_pkl(resolved.location)
+            return Pretrained(params, state, step, resolved.location)
+        params, state, step = checkpointing.restore_encoder(checkpoint, config, step=resolved.step, newest=True)
+        return Pretrained(params, state, step, resolved.location)
 
-    def newer() -> str:
-        ckpt_step = checkpointing.latest_step(checkpoint)
-        if pkl.exists():
-            read_here.append(export.load_pretrain_pkl(str(pkl)))
-            if ckpt_step is None or read_here[0][2] >= ckpt_step:
-                return "pickle"
-        if ckpt_step is None:
-            raise FileNotFoundError(f"{checkpoint!r} holds neither checkpoints/ nor pretrain.pkl")
-        return "orbax"
-
-    if multihost.decided_by_process_zero(newer) == "pickle":  # the same choice on every process
-        params, state, step = read_here[0] if read_here else export.load_pretrain_pkl(str(pkl))
-        return Pretrained(params, state, step, str(pkl))
-    # The latest as process 0 sees it when reading (not ``ckpt_step``): a live run may delete that one.
-    params, state, step = checkpointing.restore_encoder(checkpoint, config)
-    return Pretrained(params, state, step, str(workdir_path(checkpoint) / "checkpoints" / str(step)))
+    return checkpointing.read_newest(checkpoint, read)
 
 
 def transplant(params: dict, state: dict, pre_params: dict, pre_state: dict) -> tuple[dict, dict]:
@@ -172,7 +158,7 @@ def _sharded(fn, mesh, in_specs, out_specs, donate=()):
                    donate_argnums=donate)
 
 
-def eval_batches(source: datasets.Source, config: Any, max_examples: int | None = None,
+def eval_batches(source: sources.Source, config: Any, max_examples: int | None = None,
                  ids: np.ndarray | None = None, keep_crops: bool = False) -> tf.data.Dataset:
     """This process's centre-crop batches of ``source`` (``input_pipeline.eval_dataset``)."""
     local_batch = config.eval.batch_size // jax.process_count()
@@ -180,7 +166,7 @@ def eval_batches(source: datasets.Source, config: Any, max_examples: int | None 
                                        max_examples, ids, keep_crops)
 
 
-def _eval_batches(source: datasets.Source, config: Any, mesh, max_examples: int | None = None,
+def _eval_batches(source: sources.Source, config: Any, mesh, max_examples: int | None = None,
                   ids: np.ndarray | None = None, batches: tf.data.Dataset | None = None) -> Iterator[dict]:
     ds = eval_batches(source, config, max_examples, ids) if batches is None else batches
     for batch in ds.as_numpy_iterator():
@@ -268,7 +254,8 @@ def pixel_knn(config: Any, train_source=None, labelled: np.ndarray | None = None
     """The baseline that needs no training: the same weighted k-NN as ``knn_eval``, on the
     raw pixels of the same centre crops (support: the labelled subset). Host-side."""
     train_source = train_source or datasets.load_split(config, config.dataset.train_split)
-    test_source = test_source or datasets.load_split(config, config.dataset.eval_split, labels_needed=False)
+    test_source = test_source or datasets.load_split(config, config.dataset.eval_split, labels_needed=False,
+                                                     classes=train_source.class_names)
     labelled = datasets.config_labelled_mask(config, train_source) if labelled is None else labelled
 
     def pixels(source, ids=None):
@@ -349,7 +336,8 @@ class OnlineKnn:
 
     def __init__(self, config: Any, train_source, labelled: np.ndarray, mesh, index_dir: str | None = None):
         self._config, self._train, self._labelled, self._mesh = config, train_source, labelled, mesh
-        self._test = datasets.load_split(config, config.dataset.eval_split, index_dir, labels_needed=False)
+        self._test = datasets.load_split(config, config.dataset.eval_split, index_dir, labels_needed=False,
+                                         classes=train_source.class_names)
         self._support_batches = eval_batches(train_source, config, ids=np.flatnonzero(labelled), keep_crops=True)
         self._test_batches = eval_batches(self._test, config, config.training.eval_max_examples, keep_crops=True)
         self._net = make_classifier(config.model, train_source.num_classes, None)

@@ -26,24 +26,27 @@ PREFIX_LISTED = ("gs://", "s3://")  # schemes TensorStore lists by prefix
 
 
 def list_files(top: str) -> list[str]:
-    """Paths of every file under ``top`` (any nesting), relative to it, sorted; none if ``top``
-    does not exist (a bucket has no directories, only names). No per-file request."""
+    """Paths of every file under ``top`` (any nesting), relative to it, sorted, and every
+    directory as ``name/`` (on a bucket: the placeholder objects some tools create); none
+    if ``top`` does not exist (a bucket has no directories, only names). No per-file request."""
     top = top.rstrip("/")
     if top.startswith(PREFIX_LISTED):
         import tensorstore as ts
 
         store = ts.KvStore.open(top + "/").result()
-        names = [k.decode() for k in store.list().result()]
-        return sorted(n for n in names if n and not n.endswith("/"))  # "dir/" placeholders are not files
+        return sorted(n for n in (k.decode() for k in store.list().result()) if n)
+    found: list[str] = []
     if is_uri(top):  # another scheme: tf.io.gfile's walk (a request per directory and entry)
         import tensorflow as tf
 
         logging.info("listing %s with tf.io.gfile.walk (no prefix listing for this scheme)", top)
-        return sorted(f"{d.rstrip('/')}/{f}"[len(top) + 1:] for d, _, files in tf.io.gfile.walk(top) for f in files)
-    found: list[str] = []
-    for d, _, files in os.walk(top, followlinks=True):
-        rel = os.path.relpath(d, top)
-        found += [f if rel == "." else f"{rel}/{f}" for f in files]
+        walk = ((d.rstrip("/"), dirs, files) for d, dirs, files in tf.io.gfile.walk(top))
+    else:
+        walk = os.walk(top, followlinks=True)
+    for d, dirs, files in walk:
+        rel = d[len(top) + 1:] if d != top else ""
+        prefix = f"{rel}/" if rel else ""
+        found += [prefix + f for f in files] + [f"{prefix}{sub.rstrip('/')}/" for sub in dirs]
     return sorted(found)
 
 

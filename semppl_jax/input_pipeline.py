@@ -3,7 +3,7 @@
 Crops change shapes, so they are cut here on the host (each image decoded once,
 every view cut from it); colour augmentations keep shapes and run on device
 (``augment.py``). Each process reads only its share of the split
-(``datasets.share_range``). The training stream is epoch-keyed: epoch ``e`` of a
+(``split_index.share_range``). The training stream is epoch-keyed: epoch ``e`` of a
 share is a shuffle seeded by (run seed, ``e``), and every crop's seed comes from
 (run seed, element position), so a pipeline restarted at step ``s`` yields the
 same batches as one that ran through, without replaying earlier epochs: an image
@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from semppl_jax.datasets import Source, decode, share_range
+from semppl_jax.sources import Source, decode
+from semppl_jax.split_index import share_range
 
 MAX_EPOCHS = 1 << 40  # "endless"
 

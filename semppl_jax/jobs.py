@@ -58,7 +58,8 @@ def evaluate(config, workdir: str) -> dict:
                                         f"{jax.device_count()} devices")
     index_dir = str(workdir_path(workdir) / "data_index")
     train_source = datasets.load_split(config, config.dataset.train_split, index_dir)
-    test_source = datasets.load_split(config, config.dataset.eval_split, index_dir, labels_needed=False)
+    test_source = datasets.load_split(config, config.dataset.eval_split, index_dir, labels_needed=False,
+                                      classes=train_source.class_names)
     labelled = datasets.config_labelled_mask(config, train_source)
     checkpoint = e.checkpoint or workdir
     pretrained = None if checkpoint == "scratch" else evaluation.load_pretrained(checkpoint, config)

@@ -12,7 +12,8 @@ import numpy as np
 from etils import epath
 
 from semppl_jax import appendable
-from semppl_jax.paths import is_uri
+from semppl_jax.errors import WorkdirError
+from semppl_jax.paths import io_error, is_uri
 
 BUCKET_FLUSH_SECS = 30.0  # a bucket workdir's metrics reach it at most this late
 _STOP = object()
@@ -60,15 +61,26 @@ class MetricWriter:
         self._put(({"step": int(step), **{k: np.asarray(v).tolist() for k, v in arrays.items()}}, False))
 
     def _put(self, item) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"writing {self.path} failed") from self._error
+        self._raise_error()
         self._queue.put(item)
 
     def close(self) -> None:
         self._queue.put(_STOP)
         self._thread.join()
-        if self._error is not None:
-            raise RuntimeError(f"writing {self.path} failed") from self._error
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        """The writer thread's failure, on the loop's thread: the storage's as a message, a bug as itself."""
+        e = self._error
+        if e is None:
+            return
+        if isinstance(e, WorkdirError):
+            raise e
+        if io_error(e):
+            raise WorkdirError(f"writing the metrics to {self.path.parent} failed ({e}); the run stops here, its "
+                               f"last complete checkpoint intact: rerun to resume once the workdir can be "
+                               f"written") from e
+        raise RuntimeError(f"writing {self.path} failed") from e
 
     def _drain(self, out: appendable.AppendOnlyFile) -> None:
         """The writer thread: records to the file (and TensorBoard) until ``close``."""

@@ -34,7 +34,9 @@ def _broadcast_bytes(data: bytes, is_source: bool) -> bytes:
 
 
 def _raise_as(kind: str, message: str) -> None:
-    error = getattr(builtins, kind, None)
+    from semppl_jax import errors
+
+    error = getattr(errors, kind, None) or getattr(builtins, kind, None)
     if not (isinstance(error, type) and issubclass(error, Exception)):
         error = RuntimeError
     raise error(message)
@@ -43,8 +45,8 @@ def _raise_as(kind: str, message: str) -> None:
 def decided_by_process_zero(decide: Callable[[], Any]) -> Any:
     """``decide()`` on process 0 alone; its JSON-able result, or its error, on every process.
 
-    Process 0 re-raises its own exception; the others raise the same built-in type
-    (``RuntimeError`` for others) with the same message."""
+    Process 0 re-raises its own exception; the others raise the same type, where it is a
+    built-in or one of ``errors.py``'s (``RuntimeError`` otherwise), with the same message."""
     index, count = _process()
     if count == 1:
         return decide()

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from absl import logging
 from etils import epath
+
+T = TypeVar("T")
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -25,13 +30,51 @@ def workdir_path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(path) if is_uri(path) else epath.Path(path).resolve()
 
 
+WRITE_ATTEMPTS = 4  # a write to the workdir is tried this often (1, 2, 4 s apart) before the run stops
+_NOT_TRANSIENT = (PermissionError, NotADirectoryError, IsADirectoryError, FileNotFoundError)
+
+
+def with_retries(write: Callable[[], T], what: str, attempts: int = WRITE_ATTEMPTS, pause: float = 1.0) -> T:
+    """``write()``, again after a transient failure (a bucket's 503, an NFS hiccup, a full disk
+    that frees up); a failure that stays, or cannot pass, stops the run with a message naming
+    ``what``. Nothing already written is touched: the last checkpoint stays complete."""
+    from semppl_jax.errors import WorkdirError
+
+    for attempt in range(attempts):
+        try:
+            return write()
+        except _NOT_TRANSIENT as e:
+            raise WorkdirError(f"cannot write {what}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - I/O errors: OSError, or TensorFlow's for a bucket
+            if not io_error(e):
+                raise
+            if attempt + 1 == attempts:
+                raise WorkdirError(f"writing {what} failed {attempts} times ({e}); the run stops here, its last "
+                                   f"complete checkpoint intact: rerun to resume once the workdir can be "
+                                   f"written") from e
+            logging.warning("writing %s failed (%s); trying again in %.0f s", what, e, pause * 2 ** attempt)
+            time.sleep(pause * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def io_error(error: BaseException) -> bool:
+    """Whether ``error`` is the storage's (a full disk, a refused or failed write), not a bug."""
+    text = str(error)
+    return (isinstance(error, OSError) or type(error).__module__.startswith("tensorflow")
+            or any(s in text for s in ("RESOURCE_EXHAUSTED", "No space left", "PERMISSION_DENIED", "UNAVAILABLE")))
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Temporary file, then rename: a crash never leaves a truncated JSON behind."""
     path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{path.name}.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)  # overwrites, locally and on buckets
+
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{path.name}.tmp.{os.getpid()}"
+        tmp.write_text(json.dumps(obj, indent=2))
+        tmp.replace(path)  # overwrites, locally and on buckets
+
+    with_retries(write, str(path))
 
 
 def read_json(path: str | os.PathLike) -> Any:

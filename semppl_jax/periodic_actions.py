@@ -75,6 +75,11 @@ class Cadence:
         return step % self.log_every == 0 or step == self.end_step or self.eval_due(step)
 
 
+# Monitors scored against the hidden labels of unlabelled images, by the count they need.
+HIDDEN_LABEL_METRICS = {"hidden_labels": ("pseudo_label_accuracy", "probe_accuracy"),
+                        "sure_hidden_labels": ("sure_pseudo_label_accuracy",)}
+
+
 @dataclasses.dataclass
 class GatherScalars:
     """On log steps: the step's metrics to the host, refusing a non-finite state."""
@@ -89,6 +94,10 @@ class GatherScalars:
         r.scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
         if not r.scalars.pop("finite"):
             raise FloatingPointError(f"non-finite state or loss at step {r.step} (not saved): {r.scalars}")
+        for count, needing in HIDDEN_LABEL_METRICS.items():  # no hidden label to score: nothing to log
+            if not r.scalars.pop(count):
+                for key in needing:
+                    r.scalars.pop(key)
         self.last = r.scalars
 
 
@@ -159,12 +168,12 @@ class WriteAndPrint:
         if self.writer:
             self.writer.write(r.step, r.scalars)
         s = r.scalars
+        hidden = f" pl-acc(hidden labels) {s['pseudo_label_accuracy']:.3f}" if "pseudo_label_accuracy" in s else ""
         logging.info("%s | loss %.4f l_augm/log(B) %.3f emb-std %.4f held-out-knn %.3f pl-share %.3f "
-                     "sure %.2f pl-acc(hidden labels) %.3f queue %.2f lr %.4f%s",
+                     "sure %.2f%s queue %.2f lr %.4f%s",
                      self.progress.line(r.step, self.progress.rate(r.step)), s["loss"], s["l_augm_ratio"],
                      s["embedding_std"], s["queue_held_out_accuracy"], s["pseudo_label_vote_share"],
-                     s["sure_vote_fraction"],
-                     s["pseudo_label_accuracy"], s["queue_fill"], s["learning_rate"],
+                     s["sure_vote_fraction"], hidden, s["queue_fill"], s["learning_rate"],
                      f" knn-top1 {s['knn_top1']:.3f}" if "knn_top1" in s else "")
 
 

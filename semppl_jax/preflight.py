@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from semppl_jax import multihost
+from semppl_jax import datasets, label_subsets, multihost, sources, split_index
 
 FAILED_EXIT_CODE = 78  # EX_CONFIG from sysexits.h: the preflight found a problem
 MIN_PYTHON = (3, 11)
@@ -101,41 +101,42 @@ def _config(config: Any) -> str:
 
     from semppl_jax import config_checks
 
+    config_checks.resolve_batch(config, jax.device_count())
     config_checks.validate(config, jax.device_count(), jax.process_count())
     t = config.training
     return f"batch {t.batch_size}: {t.batch_size // jax.device_count()} a device, {t.compute_dtype}"
 
 
 def _splits(config: Any, cache_dir: str) -> tuple[str, dict]:
-    """Each split's size, with no record read (a folder: one shared listing)."""
-    from semppl_jax import datasets
-
-    d, sources, parts = config.dataset, {}, []
-    for role, split in (("train", d.train_split), ("test", d.eval_split)):
-        source = datasets.load_source(d.name, split, d.data_dir, d.synthetic_size, d.synthetic_image_size,
-                                      config.seed, d.labels_file, cache_dir)
-        if role == "train" and d.unlabelled:
-            source = datasets.concat_sources(source, datasets.load_unlabelled(
-                d.unlabelled, d.unlabelled_split, d.data_dir, cache_dir))
-        sources[role] = source
-        parts.append(f"{role} {split!r}: {source.num_ids} images")
+    """Each split's size, with no record read (a folder: one shared listing); the test
+    split's classes mapped onto the training split's."""
     import jax
 
     from semppl_jax import config_checks
 
-    train = sources["train"]
+    d, found, parts = config.dataset, {}, []
+    for role, split in (("train", d.train_split), ("test", d.eval_split)):
+        source = datasets.load_source(d.name, split, d.data_dir, d.synthetic_size, d.synthetic_image_size,
+                                      config.seed, d.labels_file, cache_dir)
+        if role == "train" and d.unlabelled:
+            source = sources.concat_sources(source, datasets.load_unlabelled(
+                d.unlabelled, d.unlabelled_split, d.data_dir, cache_dir))
+        if role == "test" and source.class_names and source.class_names != found["train"].class_names:
+            source = datasets.align_classes(source, found["train"].class_names)
+        found[role] = source
+        parts.append(f"{role} {split!r}: {source.num_ids} images")
+    train = found["train"]
+    config_checks.resolve_batch(config, jax.device_count(), train.num_ids)
     config_checks.validate(config, jax.device_count(), jax.process_count(), train.num_ids, train.num_classes)
-    return f"{d.name}: {'; '.join(parts)}, {train.num_classes} classes", sources
+    return f"{d.name}: {'; '.join(parts)}, {train.num_classes} classes", found
 
 
 def _labels(config: Any, train: Any) -> str:
-    from semppl_jax import datasets
-
     d = config.dataset
     if train.labels is None:  # a sequential source knows its labels once indexed: check the list alone
-        if d.label_subset in datasets.SUBSET_FILES:
-            path = datasets.resolve_subset_file(d.label_subset, d.subset_cache_dir, d.fetch_subsets)
-            return f"{d.label_subset}: {len(datasets.read_subset_list(path))} names in {path}"
+        if d.label_subset in label_subsets.SUBSET_FILES:
+            path = label_subsets.resolve_subset_file(d.label_subset, d.subset_cache_dir, d.fetch_subsets)
+            return f"{d.label_subset}: {len(label_subsets.read_subset_list(path))} names in {path}"
         return f"label_subset {d.label_subset}: chosen when the split is indexed"
     mask = datasets.config_labelled_mask(config, train)
     if not mask.any():
@@ -147,13 +148,11 @@ def _one_record(source: Any) -> str:
     """Reads and decodes the first record of this host's share (access rights, format)."""
     import jax
 
-    from semppl_jax import datasets
-
-    lo, hi = datasets.share_range(source.num_ids, jax.process_index(), jax.process_count())
+    lo, hi = split_index.share_range(source.num_ids, jax.process_index(), jax.process_count())
     if hi <= lo:
         raise ValueError(f"this process's share of {source.num_ids} images is empty")
     for ex in source.records(np.arange(lo, lo + 1)).take(1):
-        image = datasets.decode(ex["image"], source.encoded).numpy()
+        image = sources.decode(ex["image"], source.encoded).numpy()
         return f"image {lo} of {source.num_ids} read: {image.shape[0]}x{image.shape[1]}"
     raise ValueError(f"image {lo} could not be read")
 

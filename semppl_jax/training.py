@@ -54,6 +54,7 @@ class Run:
 
 def _data(config: Any, root: Any, num_devices: int, num_processes: int):
     source = datasets.load_split(config, config.dataset.train_split, str(root / "data_index"))
+    config_checks.resolve_batch(config, num_devices, source.num_examples)
     config_checks.validate(config, num_devices, num_processes, source.num_examples, source.num_classes)
     labelled = datasets.config_labelled_mask(config, source)
     t = config.training
@@ -73,7 +74,11 @@ def _open_checkpointer(config: Any, root: Any, meta: dict, allow_config_change: 
     closing.callback(ckpt.close)  # waits for an async save in flight
     resume_step = ckpt.latest_step()
     if resume_step is not None:
-        checkpointing.check_resume(ckpt.read_meta(resume_step), meta, ckpt.directory, allow_config_change)
+        changes = checkpointing.check_resume(ckpt.read_meta(resume_step), meta, ckpt.directory, allow_config_change)
+        if changes and jax.process_index() == 0:
+            logging.warning("resuming step %d with changed fields (recorded in config_history.jsonl): %s",
+                            resume_step, "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+            checkpointing.record_changes(root, resume_step, changes)
     return ckpt, resume_step
 
 
@@ -123,6 +128,7 @@ def setup(config: Any, workdir: str, stop_after: int | None = None,
     """The run's parts, or the finished run's summary when there is nothing left to do."""
     is_main = jax.process_index() == 0
     num_devices, num_processes = jax.device_count(), jax.process_count()
+    config_checks.resolve_batch(config, num_devices)
     config_checks.validate(config, num_devices, num_processes)
     t = config.training
     root = workdir_path(workdir)
@@ -133,7 +139,7 @@ def setup(config: Any, workdir: str, stop_after: int | None = None,
         on_error.push(closing)  # closed here only if setup fails
         meta = checkpointing.run_signature(config, source.num_classes, total_steps)
         ckpt, resume_step = _open_checkpointer(config, root, meta, allow_config_change, closing)
-        if is_main:
+        if is_main:  # the config in force (a deliberate change at a resume: config_history.jsonl)
             write_json_atomic(root / "config.json", config.to_dict())
         logging.info("devices: %d (%d local) on %d processes, platform %s; global batch %d, per device %d",
                      num_devices, jax.local_device_count(), num_processes, jax.devices()[0].platform,

@@ -17,6 +17,7 @@ so one step on 8 devices equals the same step on 1 device
 from __future__ import annotations
 
 import functools
+import statistics
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -215,8 +216,10 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             jnp.repeat(all_labelled, num_large))
 
         metrics = _monitors(aux, inputs, true_label, votes, positive_valid, sure, num_large, num_classes)
-        metrics.update(vote_share_threshold=threshold,
-                       queue_held_out_accuracy=jnp.sum(held_out.correct) / jnp.maximum(jnp.sum(held_out.valid), 1))
+        estimate = vote_gate.accuracy_interval(held_out)  # the label-free estimate, with its 95% interval
+        metrics.update(vote_share_threshold=threshold, queue_held_out_accuracy=estimate["accuracy"],
+                       queue_held_out_accuracy_low=estimate["low"], queue_held_out_accuracy_high=estimate["high"],
+                       queue_held_out_images=estimate["images"], queue_held_out_vote_share=estimate["share"])
         num_candidates = global_batch if cfg.num_negatives is None else min(cfg.num_negatives + 1, global_batch)
         metrics["l_augm_ratio"] = metrics["l_augm"] / np.log(num_candidates)
         min_share, entropy = pl_queue.class_occupancy(new_queue, num_classes)
@@ -243,7 +246,8 @@ def _vote_gate(queue: pl_queue.QueueState, key: jax.Array, cfg: Any, num_large: 
     held_out = jax.tree.map(lambda x: jax.lax.all_gather(x, AXIS, tiled=True), local)
     threshold = jnp.asarray(cfg.min_vote_share, jnp.float32)
     if cfg.min_vote_precision > 0:
-        threshold = jnp.maximum(threshold, vote_gate.share_threshold(held_out, cfg.min_vote_precision))
+        z = statistics.NormalDist().inv_cdf(cfg.gate_confidence) if cfg.gate_confidence > 0.5 else 0.0
+        threshold = jnp.maximum(threshold, vote_gate.share_threshold(held_out, cfg.min_vote_precision, z))
     return held_out, threshold
 
 
@@ -291,6 +295,10 @@ def _monitors(aux: dict, inputs: StepInputs, true_label: jax.Array, votes: pl_qu
         sure_vote_fraction=ratio(jnp.sum(sure & no_label), jnp.sum(no_label)),
         sure_pseudo_label_accuracy=ratio(jnp.sum(correct_pl & sure), jnp.sum(unlabelled & sure)),
         probe_accuracy=ratio(jnp.sum((probe_pred == probe_target) & probe_valid), jnp.sum(probe_valid)),
+        # How many unlabelled images had a hidden label to score against (0 on own data): the
+        # launcher logs no hidden-label accuracy where there is none to compute.
+        hidden_labels=jax.lax.psum(jnp.sum(unlabelled).astype(jnp.float32), AXIS),
+        sure_hidden_labels=jax.lax.psum(jnp.sum(unlabelled & sure).astype(jnp.float32), AXIS),
         labelled_fraction=ratio(jnp.sum(inputs.is_labelled), jnp.asarray(pseudo.shape[0])),
         loo_knn_accuracy=ratio(jnp.sum((pseudo == inputs.label) & inputs.is_labelled), jnp.sum(inputs.is_labelled)),
         loo_per_class=loo_per_class,  # an array: summed between log steps by the launcher

@@ -10,6 +10,14 @@ threshold is the lowest vote share at which those held-out votes are at least
 (e.g. one labelled image a class: no other entry of its class), the gate
 closes; where they are right at any share, it opens fully, as in the paper.
 
+How sure is a precision measured on a few images? The sampled slots are drawn with
+replacement, and a queue may hold few labelled images (one class's four at 1% of a
+small set), so what the threshold rests on is the number of *distinct* images voted.
+With ``confidence`` above 0.5 the threshold needs the Wilson lower bound of the
+precision, over that many images, to reach ``min_precision``: the gate acts on the
+cautious end. ``accuracy_interval`` gives the held-out accuracy the same way, as the
+label-free estimate of the pseudo-labels' accuracy with its interval.
+
 The queue is identical on every replica; each replica votes its share of the
 sampled images and the results are all-gathered, so every replica derives the
 same threshold.
@@ -33,6 +41,7 @@ class HeldOutVotes(NamedTuple):
     share: jax.Array  # [n] the vote's share of the L x k neighbours
     correct: jax.Array  # [n] bool: the vote is the entry's label
     valid: jax.Array  # [n] bool: the sampled slot holds one labelled image's L views
+    image: jax.Array  # [n] int32: the image's id (-1 where not valid)
 
 
 def sample_images(key: jax.Array, queue_size: int, num_large: int, num: int) -> jax.Array:
@@ -51,12 +60,43 @@ def held_out_votes(queue: pl_queue.QueueState, slots: jax.Array, num_large: int,
     labels, ids = queue.labels[entries], queue.ids[entries]
     valid = jnp.all(labels >= 0, axis=1) & jnp.all(ids == ids[:, :1], axis=1)  # one image's L views
     votes = pl_queue.vote(queue, queries, k, num_classes, approx, exclude_ids=ids[:, 0])
-    return HeldOutVotes(share=votes.share, correct=valid & (votes.label == labels[:, 0]), valid=valid)
+    return HeldOutVotes(share=votes.share, correct=valid & (votes.label == labels[:, 0]), valid=valid,
+                        image=jnp.where(valid, ids[:, 0], -1))
 
 
-def share_threshold(held_out: HeldOutVotes, min_precision: float) -> jax.Array:
+def distinct_images(held_out: HeldOutVotes) -> jax.Array:
+    """How many different images the valid votes are of (slots are drawn with replacement)."""
+    ids = jnp.sort(held_out.image)
+    first = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
+    return jnp.sum(first & (ids >= 0)).astype(jnp.float32)
+
+
+def wilson(p: jax.Array, n: jax.Array, z: float) -> tuple[jax.Array, jax.Array]:
+    """Wilson's score interval for a proportion ``p`` seen over ``n`` items, at ``z``; [0, 1] for n = 0."""
+    n = jnp.maximum(n, 1e-9)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * jnp.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    empty = n < 0.5
+    return jnp.where(empty, 0.0, jnp.clip(centre - half, 0, 1)), jnp.where(empty, 1.0, jnp.clip(centre + half, 0, 1))
+
+
+def accuracy_interval(held_out: HeldOutVotes, z: float = 1.96) -> dict[str, jax.Array]:
+    """The held-out accuracy, its Wilson interval over the distinct images voted, their
+    number and the votes' mean share (to compare with the unlabelled images')."""
+    valid = held_out.valid.astype(jnp.float32)
+    n = jnp.sum(valid)
+    p = jnp.sum(held_out.correct) / jnp.maximum(n, 1)
+    images = distinct_images(held_out)
+    low, high = wilson(p, images, z)
+    return dict(accuracy=p, low=low, high=high, images=images,
+                share=jnp.sum(held_out.share * valid) / jnp.maximum(n, 1))
+
+
+def share_threshold(held_out: HeldOutVotes, min_precision: float, z: float = 0.0) -> jax.Array:
     """The lowest vote share ``t`` such that the valid held-out votes with share >= t
-    are at least ``min_precision`` right; :data:`CLOSED` if no share qualifies.
+    are at least ``min_precision`` right; :data:`CLOSED` if no share qualifies. With
+    ``z > 0`` the precision's Wilson lower bound must reach it, over the distinct images
+    among those votes (their count scaled by the sample's distinct share).
 
     O(n log n): shares sorted once; for each candidate, the votes at or above it are
     the suffix from its first occurrence (ties counted together).
@@ -69,5 +109,10 @@ def share_threshold(held_out: HeldOutVotes, min_precision: float) -> jax.Array:
     right_below = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(right)])[first]
     num_above = (s.shape[0] - first).astype(jnp.float32)
     right_above = jnp.sum(right) - right_below
-    ok = (s >= 0) & (right_above >= min_precision * num_above)
+    if z > 0:
+        per_vote = distinct_images(held_out) / jnp.maximum(jnp.sum(held_out.valid), 1)
+        low, _ = wilson(right_above / jnp.maximum(num_above, 1), num_above * per_vote, z)
+        ok = (s >= 0) & (low >= min_precision)
+    else:
+        ok = (s >= 0) & (right_above >= min_precision * num_above)
     return jnp.min(jnp.where(ok, s, CLOSED))

@@ -1,6 +1,6 @@
 """A Cloud Storage stand-in speaking the JSON API (the part TensorStore's ``gcs`` driver
-uses: object listing, metadata, media reads), serving a local directory as buckets and
-counting every request by kind.
+uses: object listing, metadata, media reads, uploads and deletes with generation
+preconditions), serving a local directory as buckets and counting every request by kind.
 
 ``TENSORSTORE_GCS_HTTP_URL`` points TensorStore at it. Listing follows the real API:
 pages of at most 1,000 names, ``startOffset``/``endOffset``/``prefix`` and page tokens;
@@ -24,11 +24,19 @@ class GcsStandIn:
     def __init__(self, root: str):
         self.root = root
         self.requests: collections.Counter = collections.Counter()
+        self.generations: dict[tuple[str, str], int] = {}  # an object's generation: its writes, counted
+        self._lock = threading.Lock()  # a precondition and its write happen as one
         stand_in = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - http.server's naming
                 stand_in._get(self)
+
+            def do_POST(self):  # noqa: N802
+                stand_in._upload(self)
+
+            def do_DELETE(self):  # noqa: N802
+                stand_in._delete(self)
 
             def log_message(self, *args):
                 pass
@@ -55,8 +63,21 @@ class GcsStandIn:
             found += [os.path.relpath(os.path.join(d, f), base) for f in files]
         return sorted(found)
 
-    def _reply(self, handler, code: int, body: bytes, kind: str = "application/json") -> None:
+    def _generation(self, bucket: str, name: str) -> int:
+        """0 for no object (what ``ifGenerationMatch=0`` asks), else the object's write count."""
+        if not os.path.isfile(os.path.join(self.root, bucket, name)):
+            return 0
+        return self.generations.setdefault((bucket, name), 1)
+
+    def _meta(self, bucket: str, name: str) -> bytes:
+        path = os.path.join(self.root, bucket, name)
+        return json.dumps({"name": name, "bucket": bucket, "size": str(os.path.getsize(path)),
+                           "generation": str(self._generation(bucket, name)), "metageneration": "1"}).encode()
+
+    def _reply(self, handler, code: int, body: bytes, kind: str = "application/json", headers=()) -> None:
         handler.send_response(code)
+        for k, v in headers:
+            handler.send_header(k, v)
         handler.send_header("Content-Type", kind)
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
@@ -92,7 +113,44 @@ class GcsStandIn:
         if query.get("alt") == "media":
             self.requests["read"] += 1
             with open(path, "rb") as f:
-                return self._reply(handler, 200, f.read(), "application/octet-stream")
+                return self._reply(handler, 200, f.read(), "application/octet-stream",
+                                   [("x-goog-generation", str(self._generation(bucket, name)))])
         self.requests["stat"] += 1
-        body = {"name": name, "bucket": bucket, "size": str(os.path.getsize(path)), "generation": "1"}
-        return self._reply(handler, 200, json.dumps(body).encode())
+        return self._reply(handler, 200, self._meta(bucket, name))
+
+    def _precondition_fails(self, bucket: str, name: str, query: dict) -> bool:
+        want = query.get("ifGenerationMatch")
+        return want is not None and int(want) != self._generation(bucket, name)
+
+    def _upload(self, handler) -> None:
+        url = urllib.parse.urlparse(handler.path)
+        query = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
+        parts = url.path.split("/")  # ['', 'upload', 'storage', 'v1', 'b', BUCKET, 'o']
+        body = handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
+        bucket, name = parts[5], query["name"]
+        with self._lock:
+            self.requests["write"] += 1
+            if self._precondition_fails(bucket, name, query):
+                return self._reply(handler, 412, b'{"error": {"code": 412, "message": "precondition failed"}}')
+            path = os.path.join(self.root, bucket, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(body)
+            self.generations[(bucket, name)] = self._generation(bucket, name) + 1
+            return self._reply(handler, 200, self._meta(bucket, name))
+
+    def _delete(self, handler) -> None:
+        url = urllib.parse.urlparse(handler.path)
+        query = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
+        parts = url.path.split("/")
+        bucket, name = parts[4], urllib.parse.unquote("/".join(parts[6:]))
+        with self._lock:
+            self.requests["delete"] += 1
+            if self._precondition_fails(bucket, name, query):
+                return self._reply(handler, 412, b'{"error": {"code": 412, "message": "precondition failed"}}')
+            path = os.path.join(self.root, bucket, name)
+            if not os.path.isfile(path):
+                return self._reply(handler, 404, b'{"error": {"code": 404}}')
+            os.remove(path)
+            self.generations.pop((bucket, name), None)
+            return self._reply(handler, 204, b"")

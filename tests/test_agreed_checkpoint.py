@@ -59,7 +59,7 @@ FETCH_WORKER = """
 import json, os, sys
 import jax
 jax.distributed.initialize(f"localhost:{sys.argv[1]}", 2, int(sys.argv[2]))
-from semppl_jax import datasets
+from semppl_jax import label_subsets
 fetched = []
 
 
@@ -70,9 +70,10 @@ def download(url, target):  # the network, stood in: SimCLR's list from a local 
     return target
 
 
-datasets._download = download
-path = datasets.resolve_subset_file("1pct", sys.argv[3], fetch=True)
-json.dump(dict(path=path, fetched=len(fetched), names=len(datasets.read_subset_list(path))), open(sys.argv[4], "w"))
+label_subsets._download = download
+path = label_subsets.resolve_subset_file("1pct", sys.argv[3], fetch=True)
+names = len(label_subsets.read_subset_list(path))
+json.dump(dict(path=path, fetched=len(fetched), names=names), open(sys.argv[4], "w"))
 jax.distributed.shutdown()
 """
 

@@ -11,6 +11,11 @@ import pytest
 from experiments import tiny
 from semppl_jax import checkpointing, update_step
 
+# A read whose step is deleted under it leaves Orbax's pending coroutines to be collected
+# with the error they met (also during a later test of this file): expected, and retried
+# from a fresh choice of step.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 @pytest.fixture(scope="module")
 def saved():
@@ -23,9 +28,6 @@ def _writer(directory, keep=1):
     return checkpointing.Checkpointer(str(directory / "checkpoints"), keep=keep, every_steps=1, async_save=False)
 
 
-# A read whose step is deleted under it leaves Orbax's pending coroutines to be collected
-# with the error they met: expected here, and retried from a fresh choice of step.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_reading_while_a_live_run_saves_and_deletes(tmp_path, saved):
     """A run saving every step with ``keep=1`` deletes each step right after the next
     is written; ``latest_step``, ``restore_encoder`` and ``restore_state`` beside it

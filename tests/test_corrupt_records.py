@@ -8,7 +8,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from experiments import tiny
-from semppl_jax import datasets, input_pipeline
+from semppl_jax import datasets, input_pipeline, label_subsets, sources, split_index
 
 
 class CorruptibleRecords(tfds.core.GeneratorBasedBuilder):
@@ -69,13 +69,13 @@ def test_a_corrupt_tfrecord_shard_degrades_and_keeps_processes_equal(tmp_path, c
     # more unmatched names than there are unreadable records does not fit the data: an error.
     listed = tmp_path / "labels.txt"
     listed.write_text("\n".join(sorted(kept)[:3] + gone[:1]) + "\n")
-    assert datasets.labelled_mask(source, str(listed), 0).sum() == 3
+    assert label_subsets.labelled_mask(source, str(listed), 0).sum() == 3
     assert "1 of its 4 images are not in the split" in caplog.text
     listed.write_text("\n".join(sorted(kept)[:3] + [f"elsewhere_{i}.JPEG" for i in range(lost + 1)]) + "\n")
     with pytest.raises(ValueError, match="does not fit this dataset"):
-        datasets.labelled_mask(source, str(listed), 0)
+        label_subsets.labelled_mask(source, str(listed), 0)
 
-    labelled = datasets.labelled_mask(source, "0.25", 0)
+    labelled = label_subsets.labelled_mask(source, "0.25", 0)
     assert labelled.shape == (48,) and labelled.sum() > 0 and not (labelled & ~source.readable).any()
     config = tiny.get_config()
     config.views.update(dict(num_large=2, large_size=24, num_small=1, small_size=12, eval_resize=28, eval_size=24))
@@ -91,12 +91,12 @@ def test_a_corrupt_tfrecord_shard_degrades_and_keeps_processes_equal(tmp_path, c
     assert sorted(seen) == ids
 
 
-def load(data_dir: str, processes: int = 1) -> datasets.Source:
+def load(data_dir: str, processes: int = 1) -> sources.Source:
     """The split indexed as ``processes`` processes would: each scans its own share."""
     source = datasets.load_source("corruptible_records", "train", data_dir)
     if processes == 1:
-        return datasets.index_source(source, validate=False)
-    scans = [datasets._scan_share(source, *datasets.share_range(48, p, processes), validate=False)
+        return split_index.index_source(source, validate=False)
+    scans = [split_index.scan_share(source, *split_index.share_range(48, p, processes), validate=False)
              for p in range(processes)]
-    index = datasets.SplitIndex(*(np.concatenate([s[k] for s in scans]) for k in ("readable", "labels", "names")))
-    return datasets._with_index(source, index)
+    index = split_index.SplitIndex(*(np.concatenate([s[k] for s in scans]) for k in ("status", "labels", "names")))
+    return split_index._with_index(source, index, min_side=1)

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from semppl_jax import datasets, folder_listing
+from semppl_jax import folder_listing, image_folder, split_index
 from tests.conftest import REPO
 from tests.gcs_stand_in import GcsStandIn
 from tests.test_multiprocess import free_port
@@ -46,7 +46,7 @@ def test_a_bucket_folder_is_listed_by_prefix_pages_not_image_by_image(bucket, tm
     names = folder_listing.list_files("gs://bucket-a/photos/train")
     assert len(names) == IMAGES + 1 and names[0] == "cat/img_00001.jpg" and "unlabelled/deep/x/u.png" in names
     assert dict(bucket.requests) == {"list": 3}  # ceil(2,501 / 1,000) pages; no stat, no read
-    source = datasets.folder_source("gs://bucket-a/photos", "train", cache_dir=str(tmp_path / "index"))
+    source = image_folder.folder_source("gs://bucket-a/photos", "train", cache_dir=str(tmp_path / "index"))
     assert source.num_ids == IMAGES + 1 and source.class_names == ("cat", "dog")
     assert (source.labels == -1).sum() == 1 and np.bincount(source.labels[source.labels >= 0]).tolist() == [1250] * 2
     assert dict(bucket.requests) == {"list": 6}  # the source's own listing: 3 more pages
@@ -98,8 +98,8 @@ def test_the_cached_index_refuses_a_folder_changed_under_the_run(tmp_path):
         d.mkdir(parents=True, exist_ok=True)
         (d / f"{i}.png").write_bytes(tf.io.encode_png(np.full((4, 4, 3), i, np.uint8)).numpy())
     index = str(tmp_path / "run" / "data_index")
-    source = datasets.index_source(datasets.folder_source(str(root), "train", cache_dir=index), True, index)
+    source = split_index.index_source(image_folder.folder_source(str(root), "train", cache_dir=index), True, index)
     assert source.num_examples == 8
     (root / "train" / "c0" / "extra.png").write_bytes(tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)).numpy())
     with pytest.raises(ValueError, match="was the data changed under the run"):
-        datasets.index_source(datasets.folder_source(str(root), "train", cache_dir=index), True, index)
+        split_index.index_source(image_folder.folder_source(str(root), "train", cache_dir=index), True, index)

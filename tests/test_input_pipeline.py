@@ -9,7 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from experiments import tiny
-from semppl_jax import datasets, input_pipeline
+from semppl_jax import datasets, input_pipeline, label_subsets, split_index
 
 
 def small_views(config):
@@ -34,7 +34,7 @@ def test_mock_imagenet_through_the_jpeg_path(mock_imagenet, tmp_path):
     assert source.encoded and source.num_examples == 24 and source.num_classes == 1000
     subset = tmp_path / "subset.txt"
     subset.write_text("\n".join(names[:5]) + "\n")
-    labelled = datasets.labelled_mask(source, str(subset), 0)
+    labelled = label_subsets.labelled_mask(source, str(subset), 0)
     assert labelled.sum() == 5
     config = small_views(tiny.get_config())
     batch = take(input_pipeline.train_dataset(source, labelled, config, 8, seed=0), 3)[0]
@@ -52,9 +52,9 @@ def test_a_list_that_matches_no_image_is_an_error(mock_imagenet, tmp_path):
     subset = tmp_path / "wrong.txt"
     subset.write_text("n00000000_1.JPEG\nn00000000_2.JPEG\n" + names[0] + "\n")
     with pytest.raises(ValueError, match="1 of its 3 file names match"):
-        datasets.labelled_mask(source, str(subset), 0)
+        label_subsets.labelled_mask(source, str(subset), 0)
     with pytest.raises(FileNotFoundError, match="no such file"):
-        datasets.labelled_mask(source, str(tmp_path / "missing.txt"), 0)
+        label_subsets.labelled_mask(source, str(tmp_path / "missing.txt"), 0)
 
 
 def test_imagenet_1pct_list_resolves_from_the_cache_dir(mock_imagenet, tmp_path, monkeypatch):
@@ -64,20 +64,20 @@ def test_imagenet_1pct_list_resolves_from_the_cache_dir(mock_imagenet, tmp_path,
     cache = tmp_path / "subsets"
     cache.mkdir()
     (cache / "1percent.txt").write_text("n04235860_14959.JPEG\nn04239074_7724.JPEG\nn02096294_8485.JPEG\n")
-    path = datasets.resolve_subset_file("1pct", str(cache))
-    assert path == str(cache / "1percent.txt") and len(datasets.read_subset_list(path)) == 3
+    path = label_subsets.resolve_subset_file("1pct", str(cache))
+    assert path == str(cache / "1percent.txt") and len(label_subsets.read_subset_list(path)) == 3
     monkeypatch.setenv("SEMPPL_SUBSET_DIR", str(cache))
-    assert datasets.resolve_subset_file("1pct", None) == path
+    assert label_subsets.resolve_subset_file("1pct", None) == path
     source, _ = mock_imagenet
     with pytest.raises(ValueError, match="0 of its 3 file names match"):
-        datasets.labelled_mask(source, "1pct", 0, str(cache))
+        label_subsets.labelled_mask(source, "1pct", 0, str(cache))
 
 
 def test_missing_subset_list_says_where_to_put_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(datasets, "DEFAULT_SUBSET_DIR", str(tmp_path))
+    monkeypatch.setattr(label_subsets, "DEFAULT_SUBSET_DIR", str(tmp_path))
     monkeypatch.delenv("SEMPPL_SUBSET_DIR", raising=False)
     with pytest.raises(FileNotFoundError, match="10percent.txt not found.*fetch_subsets"):
-        datasets.resolve_subset_file("10pct", str(tmp_path / "cache"))
+        label_subsets.resolve_subset_file("10pct", str(tmp_path / "cache"))
 
 
 def make_image_folder(root, per_class=6, classes=("cat", "dog", "eel")):
@@ -97,7 +97,7 @@ def test_image_folder_same_code_path(tmp_path):
     root = make_image_folder(tmp_path / "imgs")
     source = datasets.load_source(f"folder:{root}", "train")
     assert source.encoded and source.num_examples == 18 and source.num_classes == 3
-    labelled = datasets.labelled_mask(source, "0.34", 0)  # 2 of 6 per class
+    labelled = label_subsets.labelled_mask(source, "0.34", 0)  # 2 of 6 per class
     true = np.array([r["true_label"] for r in source.records().as_numpy_iterator()])
     assert np.array_equal(true, source.labels)  # the listing's labels are the records' labels
     assert np.bincount(true[labelled], minlength=3).tolist() == [2, 2, 2]
@@ -119,12 +119,12 @@ def test_image_folder_with_bad_files_trains_and_names_them(tmp_path):
     (cat / "cat_png.png").write_bytes(tf.io.encode_png(img).numpy())
     (cat / "cat_truncated.jpg").write_bytes(tf.io.encode_jpeg(img).numpy()[:120])
     (cat / "cat_text.jpg").write_bytes(b"this is not an image")
-    source = datasets.index_source(datasets.load_source(f"folder:{root}", "train"), validate=True)
+    source = split_index.index_source(datasets.load_source(f"folder:{root}", "train"), validate=True)
     assert source.num_ids == 21 and source.num_examples == 19  # 18 good JPEGs + the PNG
     assert sorted(n.split("/")[-1] for n in source.skipped) == ["cat_text.jpg", "cat_truncated.jpg"]
     ids = [r["image_id"] for r in source.records().as_numpy_iterator()]
     assert ids == source.valid_ids().tolist() and len(ids) == 19
-    labelled = datasets.labelled_mask(source, "0.5", 0)
+    labelled = label_subsets.labelled_mask(source, "0.5", 0)
     config = small_views(tiny.get_config())
     a = take(input_pipeline.train_dataset(source, labelled, config, 8, seed=1), 5)
     b = take(input_pipeline.train_dataset(source, labelled, config, 8, seed=1, start_step=3), 2)
@@ -134,19 +134,19 @@ def test_image_folder_with_bad_files_trains_and_names_them(tmp_path):
 
 def test_stratified_fraction_counts():
     labels = np.repeat(np.arange(5), [10, 20, 30, 40, 100])
-    mask = datasets.stratified_subset(labels, 0.1, seed=3)
+    mask = label_subsets.stratified_subset(labels, 0.1, seed=3)
     assert np.bincount(labels[mask]).tolist() == [1, 2, 3, 4, 10]
-    assert not np.array_equal(mask, datasets.stratified_subset(labels, 0.1, seed=4))
-    assert datasets.stratified_subset(labels, 0.001, 0).sum() == 5  # at least one a class
+    assert not np.array_equal(mask, label_subsets.stratified_subset(labels, 0.1, seed=4))
+    assert label_subsets.stratified_subset(labels, 0.001, 0).sum() == 5  # at least one a class
     with pytest.raises(ValueError):
-        datasets.stratified_subset(labels, 1.5, 0)
+        label_subsets.stratified_subset(labels, 1.5, 0)
 
 
 def test_fixed_number_of_labelled_images_per_batch_class_stratified():
     config = small_views(tiny.get_config())
     config.dataset.labelled_per_batch = 10
     source = datasets.load_source("synthetic", "train", synthetic_size=200, synthetic_image_size=28)
-    labelled = datasets.labelled_mask(source, "0.1", 0)  # 2 a class
+    labelled = label_subsets.labelled_mask(source, "0.1", 0)  # 2 a class
     batches = take(input_pipeline.train_dataset(source, labelled, config, 20, seed=0), 4)
     counts = np.zeros(10, int)
     for b in batches:
@@ -158,7 +158,7 @@ def test_fixed_number_of_labelled_images_per_batch_class_stratified():
 def test_same_seed_same_batches_and_resume_mid_stream():
     config = small_views(tiny.get_config())
     source = datasets.load_source("synthetic", "train", synthetic_size=64, synthetic_image_size=28)
-    labelled = datasets.labelled_mask(source, "0.25", 0)
+    labelled = label_subsets.labelled_mask(source, "0.25", 0)
     a = take(input_pipeline.train_dataset(source, labelled, config, 16, seed=7), 6)
     b = take(input_pipeline.train_dataset(source, labelled, config, 16, seed=7), 6)
     resumed = take(input_pipeline.train_dataset(source, labelled, config, 16, seed=7, start_step=4), 2)
@@ -220,7 +220,7 @@ def test_mnist5k_is_real_and_split_fixed():
 def test_hwcn_layout_puts_the_batch_last():
     config = small_views(tiny.get_config())
     source = datasets.load_source("synthetic", "train", synthetic_size=32, synthetic_image_size=28)
-    labelled = datasets.labelled_mask(source, "0.25", 0)
+    labelled = label_subsets.labelled_mask(source, "0.25", 0)
     plain = take(input_pipeline.train_dataset(source, labelled, config, 8, seed=2), 1)[0]
     config.views.transpose_images = True
     hwcn = take(input_pipeline.train_dataset(source, labelled, config, 8, seed=2), 1)[0]

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from experiments import tiny
-from semppl_jax import checkpointing, datasets, input_pipeline, jobs
+from semppl_jax import checkpointing, datasets, input_pipeline, jobs, label_subsets, split_index
 from tests.test_corrupt_records import CorruptibleRecords
 from tests.test_input_pipeline import small_views, take
 
@@ -41,7 +41,7 @@ def test_unlabelled_directory_images_carry_no_label(tmp_path):
     names = source.file_names.tolist()
     no_label = {n for n, y in zip(names, source.labels) if y < 0}
     assert no_label == {n for n in names if n.startswith("unlabelled/")} and len(no_label) == 18
-    labelled = datasets.labelled_mask(source, "1.0", 0)  # every image that has a class, and only those
+    labelled = label_subsets.labelled_mask(source, "1.0", 0)  # every image that has a class, and only those
     assert sorted(np.array(names)[labelled].tolist()) == sorted(n for n in names if not n.startswith("unlabelled/"))
     batches = take(input_pipeline.train_dataset(source, labelled, small_views(tiny.get_config()), 8, 0), 3)
     ids = np.concatenate([b["image_id"] for b in batches])
@@ -91,7 +91,7 @@ def test_a_second_source_of_unlabelled_images(tmp_path):
     labelled = datasets.config_labelled_mask(config, source)
     assert labelled.tolist() == [True] * 6 + [False] * 9
     for p in range(2):
-        lo, hi = datasets.share_range(15, p, 2)
+        lo, hi = split_index.share_range(15, p, 2)
         batch = take(input_pipeline.train_dataset(source, labelled, config, 4, 0, p, 2), 1)[0]
         assert ((batch["image_id"] >= lo) & (batch["image_id"] < hi)).all()
 

@@ -64,8 +64,8 @@ EVERY_VOTE = dict(min_vote_share=0.0, min_vote_precision=0.0)  # the paper: no g
 @pytest.mark.parametrize("num_negatives,gate", [
     (None, EVERY_VOTE), (5, EVERY_VOTE),
     (None, dict(min_vote_share=0.6, min_vote_precision=0.0)),  # a fixed threshold
-    # A measured one; random images give held-out votes near chance, hence the low bar.
-    (None, dict(min_vote_share=0.0, min_vote_precision=0.1)),
+    # A measured one; random images give held-out votes near chance (10%), hence the low bar,
+    (None, dict(min_vote_share=0.0, min_vote_precision=0.02)),  # 80% sure of it (the default confidence)
 ])
 def test_eight_devices_equal_one_device(num_negatives, gate):
     assert jax.device_count() == 8

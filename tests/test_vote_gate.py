@@ -67,8 +67,56 @@ def test_threshold_matches_a_loop():
         correct = valid & (rng.uniform(size=n) < share ** rng.uniform(0.3, 3.0))
         precision = float(rng.choice([0.5, 0.8, 0.9, 1.0]))
         got = vote_gate.share_threshold(vote_gate.HeldOutVotes(
-            jnp.asarray(share, jnp.float32), jnp.asarray(correct), jnp.asarray(valid)), precision)
+            jnp.asarray(share, jnp.float32), jnp.asarray(correct), jnp.asarray(valid),
+            jnp.asarray(np.where(valid, np.arange(n), -1))), precision)
         assert float(got) == _loop_threshold(share, correct, valid, precision), trial
+
+
+def _wilson_low(p, n, z):
+    return (p + z * z / (2 * n) - z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+
+
+def test_wilson_interval_against_published_values():
+    """5 of 10 at 95%: (0.2366, 0.7634); 0 of 10: (0, 0.2775); 10 of 10: (0.7225, 1) (Newcombe 1998)."""
+    for right, want in ((5, (0.2366, 0.7634)), (0, (0.0, 0.2775)), (10, (0.7225, 1.0))):
+        low, high = vote_gate.wilson(jnp.asarray(right / 10), jnp.asarray(10.0), 1.96)
+        np.testing.assert_allclose([float(low), float(high)], want, atol=1e-4)
+    assert [float(v) for v in vote_gate.wilson(jnp.asarray(0.7), jnp.asarray(0.0), 1.96)] == [0.0, 1.0]
+
+
+def test_distinct_images_and_the_cautious_threshold_match_loops():
+    rng = np.random.default_rng(4)
+    for trial in range(200):
+        n = 40
+        share = rng.integers(0, 9, n) / 8.0
+        valid = rng.uniform(size=n) < rng.uniform(0.2, 1.0)
+        image = np.where(valid, rng.integers(0, rng.integers(2, 30), n), -1)  # repeats: drawn with replacement
+        correct = valid & (rng.uniform(size=n) < share ** rng.uniform(0.3, 3.0))
+        votes = vote_gate.HeldOutVotes(jnp.asarray(share, jnp.float32), jnp.asarray(correct), jnp.asarray(valid),
+                                       jnp.asarray(image, jnp.int32))
+        distinct = len(set(image[valid]))
+        assert float(vote_gate.distinct_images(votes)) == distinct
+        precision, z = float(rng.choice([0.5, 0.8, 0.9])), float(rng.choice([0.84, 1.64]))
+        want = vote_gate.CLOSED
+        for t in sorted(set(share[valid])):
+            above = valid & (share >= t)
+            p = np.sum(correct & above) / np.sum(above)
+            if _wilson_low(p, np.sum(above) * distinct / max(valid.sum(), 1), z) >= precision:
+                want = t
+                break
+        got = float(vote_gate.share_threshold(votes, precision, z))
+        assert got == pytest.approx(want), trial
+
+
+def test_few_distinct_images_keep_the_cautious_gate_shut():
+    """Four images, each voted right many times: the point estimate (precision 1) opens the
+    gate; 80% sure of 90% precision needs at least seven such images."""
+    for images, opens in ((4, False), (7, True)):
+        n = 64
+        votes = vote_gate.HeldOutVotes(jnp.full(n, 0.75), jnp.ones(n, bool), jnp.ones(n, bool),
+                                       jnp.arange(n, dtype=jnp.int32) % images)
+        assert float(vote_gate.share_threshold(votes, 0.9)) == 0.75
+        assert (float(vote_gate.share_threshold(votes, 0.9, z=0.8416)) == 0.75) == opens
 
 
 def test_one_labelled_image_a_class_closes_the_gate_and_clean_classes_open_it():
