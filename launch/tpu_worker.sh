@@ -71,7 +71,7 @@ start() {
   local py="$code/.venv/bin/python"
   # The preflight first; training only if it passed. A new session: no SIGHUP from ssh.
   setsid nohup "$py" -m semppl_jax.supervise --log_dir="${log_dir%/}/worker$worker" -- \
-    bash -c '"$0" -m semppl_jax.main --mode=check "$@" && exec "$0" -m semppl_jax.main "$@"' "$py" "$@" \
+    bash -c '"$0" -m semppl_jax.main "$@" --mode=check && exec "$0" -m semppl_jax.main "$@"' "$py" "$@" \
     > "$run/supervisor.log" 2>&1 < /dev/null 9>&- &
   echo $! > "$run/pid"
   log "started attempt $attempt (pid $!): logs in ${log_dir%/}/worker$worker"

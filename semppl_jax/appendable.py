@@ -65,7 +65,9 @@ class AppendOnlyFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._remote = is_uri(self.path)
         self._pending: list[str] = []
-        self._local = None if self._remote else self.path.open("a")
+        # A local file is appended through its descriptor, bytes at a time, so a write retried
+        # after a failure goes on from what landed (a buffered file would write it twice).
+        self._local = None if self._remote else os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if self._remote:
             existing = _parts(self.path)
             self._number = int(existing[-1].name) + 1 if existing else 0
@@ -80,9 +82,11 @@ class AppendOnlyFile:
         if not text:
             return
         if self._local is not None:
+            data, done = text.encode(), [0]
+
             def append() -> None:
-                self._local.write(text)
-                self._local.flush()
+                while done[0] < len(data):
+                    done[0] += os.write(self._local, data[done[0]:])
 
             with_retries(append, str(self.path))
             return
@@ -98,6 +102,9 @@ class AppendOnlyFile:
             self._number, self._part = self._number + 1, ""
 
     def close(self) -> None:
-        self.flush()
-        if self._local is not None:
-            self._local.close()
+        try:
+            self.flush()
+        finally:
+            if self._local is not None:
+                os.close(self._local)
+                self._local = None

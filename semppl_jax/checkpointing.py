@@ -36,6 +36,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from semppl_jax import multihost
 from semppl_jax.errors import CheckpointError, ConfigError, MissingDataError, WorkdirError
 from semppl_jax.paths import io_error, workdir_path
+from semppl_jax.preemption import Preempted
 
 T = TypeVar("T")
 
@@ -54,7 +55,8 @@ NOT_COMPUTING = ("job", "dataset.data_dir", "dataset.subset_cache_dir", "dataset
                  "training.checkpoint_every_minutes", "training.keep_checkpoints", "training.eval_every_steps",
                  "training.eval_max_examples", "training.profile_first_step", "training.profile_num_steps",
                  "training.collapse_std_fraction", "training.collapse_loss_ratio", "training.stop_on_collapse",
-                 "model.remat", "augment.blur_impl", "views.transpose_images")
+                 "model.remat", "augment.blur_impl", "views.transpose_images",
+                 "dataset.eval_split")  # the online k-NN's test split: a monitor
 NOT_COMPUTING_SECTIONS = ("eval.",)  # how the encoder is evaluated afterwards
 
 
@@ -113,9 +115,15 @@ def record_changes(workdir: Any, step: int, changes: dict[str, tuple]) -> None:
     """Appends a resume's allowed changes to ``WORKDIR/config_history.jsonl`` (process 0)."""
     from semppl_jax import appendable
 
-    history = appendable.AppendOnlyFile(workdir_path(workdir) / "config_history.jsonl")
+    path = workdir_path(workdir) / "config_history.jsonl"
+    entry = {k: {"was": a, "now": b} for k, (a, b) in changes.items()}
+    if appendable.exists(path):  # a resume that stopped before saving records the same change again
+        lines = [json.loads(line) for line in appendable.read_text(path).splitlines() if line.strip()]
+        if lines and lines[-1]["step"] == step and lines[-1]["changes"] == json.loads(json.dumps(entry)):
+            return
+    history = appendable.AppendOnlyFile(path)
     history.write(json.dumps(dict(step=step, time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                  changes={k: {"was": a, "now": b} for k, (a, b) in changes.items()})) + "\n")
+                                  changes=entry)) + "\n")
     history.close()
 
 
@@ -274,6 +282,15 @@ def read_newest(checkpoint: str, read: Callable[[Resolved], T], pickles: bool = 
                        f"is a run saving faster than it can be read?")
 
 
+def _reader(handler: type) -> ocp.Checkpointer:
+    """A checkpointer that reads on this process alone: no barrier with the others, which
+    agree on the outcome afterwards (``_read_step``), so a read failing on one process
+    cannot leave the others in Orbax's barrier and this one in the agreement."""
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    return ocp.Checkpointer(handler(multiprocessing_options=alone), multiprocessing_options=alone)
+
+
 def _read_step(path: epath.Path, config: Any, newest: bool, signature: Callable[[int], dict],
                read: Callable[[epath.Path, Any, jax.sharding.Sharding], T]) -> T:
     """``read(step directory, abstract train state, this process's first device)``, after refusing
@@ -291,12 +308,14 @@ def _read_step(path: epath.Path, config: Any, newest: bool, signature: Callable[
         if not path.is_dir():
             raise MissingDataError(
                 f"no checkpoint {path} (complete steps: {sorted(ocp.utils.checkpoint_steps(directory))})")
-        meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / "meta", args=ocp.args.JsonRestore())
+        meta = _reader(ocp.JsonCheckpointHandler).restore(path / "meta", args=ocp.args.JsonRestore())
         check_resume(meta, signature(meta["num_classes"]), path)
         shapes = jax.eval_shape(lambda: update_step.init_state(config, jax.random.key(0), meta["num_classes"], 1, 1))
         value = read(path, shapes, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     except ConfigDriftError as e:
         outcome, value = "error", e
+    except Preempted as e:  # told to the others, who stop too
+        outcome, value = "preempted", e
     except Exception as e:  # noqa: BLE001 - a step being deleted by the run, or a real error
         # The run deletes old steps (``keep``): a step it is deleting may still be listed while its
         # files go, but it is never the newest. A failed newest step is an error.
@@ -305,8 +324,10 @@ def _read_step(path: epath.Path, config: Any, newest: bool, signature: Callable[
         vanished = newest and (chosen not in steps or chosen != max(steps, default=chosen))
         outcome, value = ("vanished" if vanished else "error"), e
     outcomes = multihost.allgather_json(outcome)
-    if outcome == "error":
+    if outcome in ("error", "preempted"):
         raise value
+    if "preempted" in outcomes:
+        raise Preempted()
     if "error" in outcomes:
         raise RuntimeError(f"reading checkpoint {path} failed on process {outcomes.index('error')} (see its log)")
     if "vanished" in outcomes:
@@ -343,7 +364,7 @@ def restore_encoder(workdir: str, config: Any, step: int | None = None, newest: 
                   "online_state": encoder_only(shapes.online_state)}
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), wanted)
         restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract)
-        restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+        restored = _reader(ocp.PyTreeCheckpointHandler).restore(
             path / "state", args=ocp.args.PyTreeRestore(
                 item=abstract, restore_args=restore_args, partial_restore=True))
         host = jax.device_get(restored)
@@ -362,7 +383,7 @@ def restore_state(workdir: str, config: Any, step: int | None = None) -> tuple[A
     first device (addressable by every process). A different model is refused."""
     def read(path: epath.Path, shapes: Any, device: jax.sharding.Sharding) -> tuple[Any, int]:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
-        state = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
+        state = _reader(ocp.StandardCheckpointHandler).restore(
             path / "state", args=ocp.args.StandardRestore(abstract))
         return state, int(path.name)
 

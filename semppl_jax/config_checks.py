@@ -24,8 +24,8 @@ def apply_overrides(config: Any, overrides: list[str]) -> None:
                 raise ConfigError(f"override {item!r}: expected field=value")
             try:
                 value = json.loads(text)
-            except json.JSONDecodeError:
-                value = text
+            except json.JSONDecodeError:  # a string, or Python's spelling of a boolean
+                value = {"True": True, "False": False}.get(text, text)
             try:
                 config.update_from_flattened_dict({path: value})
             except (KeyError, AttributeError) as e:

@@ -24,7 +24,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from semppl_jax import augment, datasets, input_pipeline, networks, sharding, sources
+from semppl_jax import augment, datasets, input_pipeline, multihost, networks, sharding, sources
+from semppl_jax.errors import CheckpointError
 from semppl_jax.sharding import AXIS
 
 HEAD = "eval_head"
@@ -72,8 +73,13 @@ def load_pretrained(checkpoint: str, config: Any) -> Pretrained:
     from semppl_jax import checkpointing, export
 
     def read(resolved: checkpointing.Resolved) -> Pretrained:
-        if resolved.kind == "pickle":
-            params, state, step = resolved.loaded or export.load_pretrain_pkl(resolved.location)
+        if resolved.kind == "pickle":  # every process reads it; all must read the same step
+            params, state, step = multihost.agreed(
+                lambda: resolved.loaded or export.load_pretrain_pkl(resolved.location), f"reading {resolved.location}")
+            steps = multihost.allgather_json(step)
+            if len(set(steps)) > 1:
+                raise CheckpointError(f"{resolved.location} holds step {steps[0]} for process 0 and {steps} across "
+                                      f"processes: was it replaced while being read? Evaluate again")
             return Pretrained(params, state, step, resolved.location)
         params, state, step = checkpointing.restore_encoder(checkpoint, config, step=resolved.step, newest=True)
         return Pretrained(params, state, step, resolved.location)

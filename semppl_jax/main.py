@@ -97,7 +97,8 @@ def _run_mode() -> None:
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     mode, config, workdir = _MODE.value, _CONFIG.value, _WORKDIR.value
-    check_job(config, mode)
+    if mode != "check":  # the preflight checks evaluation configs as well
+        check_job(config, mode)
     if mode == "check":  # writes nothing to keep; reports a live holder instead of taking the lease
         from semppl_jax import preflight
 

@@ -34,12 +34,31 @@ def _broadcast_bytes(data: bytes, is_source: bool) -> bytes:
 
 
 def _raise_as(kind: str, message: str) -> None:
-    from semppl_jax import errors
+    from semppl_jax import errors, preemption
 
+    if kind == "Preempted":
+        raise preemption.Preempted()
     error = getattr(errors, kind, None) or getattr(builtins, kind, None)
     if not (isinstance(error, type) and issubclass(error, Exception)):
         error = RuntimeError
     raise error(message)
+
+
+def agreed(work: Callable[[], Any], what: str) -> Any:
+    """``work()`` on every process; if it fails on any, every process raises (the failing
+    ones their own error, the others naming the first that failed), so none goes on alone."""
+    index, count = _process()
+    try:
+        value, outcome = work(), None
+    except Exception as e:  # noqa: BLE001 - told to every process, raised below
+        value, outcome = e, f"{type(e).__name__}: {e}"
+    outcomes = allgather_json(outcome) if count > 1 else [outcome]
+    if outcome is not None:
+        raise value
+    failed = [p for p, o in enumerate(outcomes) if o is not None]
+    if failed:
+        raise RuntimeError(f"{what} failed on process {failed[0]}: {outcomes[failed[0]]}")
+    return value
 
 
 def decided_by_process_zero(decide: Callable[[], Any]) -> Any:
@@ -55,7 +74,7 @@ def decided_by_process_zero(decide: Callable[[], Any]) -> Any:
     if index == 0:
         try:
             payload = json.dumps({"value": decide()}).encode()
-        except Exception as e:  # noqa: BLE001 - told to every process, raised below
+        except BaseException as e:  # noqa: BLE001 - told to every process (a preemption too), raised below
             error = e
             payload = json.dumps({"error": type(e).__name__, "message": str(e)}).encode()
     told = json.loads(_broadcast_bytes(payload, index == 0))

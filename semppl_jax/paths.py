@@ -8,6 +8,7 @@ finds its checkpoints.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -57,11 +58,19 @@ def with_retries(write: Callable[[], T], what: str, attempts: int = WRITE_ATTEMP
     raise AssertionError("unreachable")
 
 
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+_STORAGE_TEXT = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
+_STORAGE_TF_ERRORS = ("UnavailableError", "DeadlineExceededError", "AbortedError", "PermissionDeniedError")
+
+
 def io_error(error: BaseException) -> bool:
-    """Whether ``error`` is the storage's (a full disk, a refused or failed write), not a bug."""
-    text = str(error)
-    return (isinstance(error, OSError) or type(error).__module__.startswith("tensorflow")
-            or any(s in text for s in ("RESOURCE_EXHAUSTED", "No space left", "PERMISSION_DENIED", "UNAVAILABLE")))
+    """Whether ``error`` is the storage's (a full or read-only disk, a refused write, a bucket that
+    does not answer), not a bug: only these become messages (``errors.WorkdirError``)."""
+    if isinstance(error, OSError):
+        return error.errno in STORAGE_ERRNOS or error.errno is None
+    if type(error).__module__.startswith("tensorflow"):
+        return type(error).__name__ in _STORAGE_TF_ERRORS or any(t in str(error) for t in _STORAGE_TEXT)
+    return any(t in str(error) for t in _STORAGE_TEXT)  # TensorStore's, through Orbax (os_error_code 28, ...)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

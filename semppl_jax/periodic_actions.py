@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from semppl_jax import preemption
+from semppl_jax import preemption, workdir_lock
 from semppl_jax.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 
@@ -169,10 +169,11 @@ class WriteAndPrint:
             self.writer.write(r.step, r.scalars)
         s = r.scalars
         hidden = f" pl-acc(hidden labels) {s['pseudo_label_accuracy']:.3f}" if "pseudo_label_accuracy" in s else ""
-        logging.info("%s | loss %.4f l_augm/log(B) %.3f emb-std %.4f held-out-knn %.3f pl-share %.3f "
+        logging.info("%s | loss %.4f l_augm/log(B) %.3f emb-std %.4f pl-acc est %.2f [%.2f, %.2f] pl-share %.3f "
                      "sure %.2f%s queue %.2f lr %.4f%s",
                      self.progress.line(r.step, self.progress.rate(r.step)), s["loss"], s["l_augm_ratio"],
-                     s["embedding_std"], s["queue_held_out_accuracy"], s["pseudo_label_vote_share"],
+                     s["embedding_std"], s["pseudo_label_accuracy_estimate"], s["pseudo_label_accuracy_low"],
+                     s["pseudo_label_accuracy_high"], s["pseudo_label_vote_share"],
                      s["sure_vote_fraction"], hidden, s["queue_fill"], s["learning_rate"],
                      f" knn-top1 {s['knn_top1']:.3f}" if "knn_top1" in s else "")
 
@@ -214,6 +215,7 @@ class CheckpointAndStop:
             if not bool(jax.device_get(r.metrics["finite"])):  # replicated: the same on every process
                 raise FloatingPointError(f"non-finite state at step {r.step}: not saved; the last "
                                          f"checkpoint ({self.ckpt.latest_step()}) is intact")
+            workdir_lock.check_still_held(self.ckpt.directory.parent)  # one writer: never save after a takeover
             self.ckpt.save(r.step, r.state, self.meta)
         if preempted:
             logging.warning("preemption notice: saved step %d, exiting (status %d)", r.step, PREEMPTED_EXIT_CODE)

@@ -9,8 +9,8 @@ In seconds to a few minutes, before anything trains, each host checks:
 - ``records``: the first record of this host's share read and decoded (access, format);
 - ``labels``: the labelled subset (a list, a CSV or a fraction) resolved to images;
 - ``step``: the update step compiled for this config, its memory against the device;
-- ``workdir``: writable from this host, and what every other host wrote there
-  visible from it (a bucket or a shared filesystem).
+- ``workdir``: writable from this host, what every other host wrote there visible
+  from it (a bucket or a shared filesystem), and no other live run holding it.
 
 Every host's report is gathered and process 0 prints one table; every host
 returns the same verdict, so the launcher exits with ``FAILED_EXIT_CODE`` on all
@@ -219,10 +219,15 @@ def _workdir(workdir: str) -> Item:
     multihost.barrier("semppl_preflight_written")
     if wrote.ok:
         def read_all() -> str:
+            from semppl_jax import workdir_lock
+
             missing = [p for p in range(count) if not (folder / f"process-{p}").exists()]
             if missing:
                 raise RuntimeError(f"{workdir}: the files of processes {missing} are not visible from here: "
                                    f"the workdir must be a bucket or a filesystem every host shares")
+            holder, _ = workdir_lock.read_holder(workdir)
+            if holder is not None and (holder.runs_here() if holder.here() else holder.recently_renewed()):
+                raise RuntimeError(f"{workdir} is in use by another run ({holder.describe()})")
             return f"{workdir}: writable, shared by {count} process{'es' if count > 1 else ''}"
 
         wrote = _check("workdir", read_all)

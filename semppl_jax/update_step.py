@@ -216,10 +216,11 @@ def make_update_step(config: Any, num_classes: int, total_steps: int, steps_per_
             jnp.repeat(all_labelled, num_large))
 
         metrics = _monitors(aux, inputs, true_label, votes, positive_valid, sure, num_large, num_classes)
-        estimate = vote_gate.accuracy_interval(held_out)  # the label-free estimate, with its 95% interval
-        metrics.update(vote_share_threshold=threshold, queue_held_out_accuracy=estimate["accuracy"],
-                       queue_held_out_accuracy_low=estimate["low"], queue_held_out_accuracy_high=estimate["high"],
-                       queue_held_out_images=estimate["images"], queue_held_out_vote_share=estimate["share"])
+        estimate = vote_gate.pseudo_label_estimate(held_out, metrics["pseudo_label_vote_share"])
+        metrics.update(vote_share_threshold=threshold, queue_held_out_accuracy=estimate["raw"],
+                       queue_held_out_images=estimate["images"], queue_held_out_vote_share=estimate["held_out_share"],
+                       pseudo_label_accuracy_estimate=estimate["estimate"],  # label-free, with its interval
+                       pseudo_label_accuracy_low=estimate["low"], pseudo_label_accuracy_high=estimate["high"])
         num_candidates = global_batch if cfg.num_negatives is None else min(cfg.num_negatives + 1, global_batch)
         metrics["l_augm_ratio"] = metrics["l_augm"] / np.log(num_candidates)
         min_share, entropy = pl_queue.class_occupancy(new_queue, num_classes)

@@ -15,8 +15,8 @@ replacement, and a queue may hold few labelled images (one class's four at 1% of
 small set), so what the threshold rests on is the number of *distinct* images voted.
 With ``confidence`` above 0.5 the threshold needs the Wilson lower bound of the
 precision, over that many images, to reach ``min_precision``: the gate acts on the
-cautious end. ``accuracy_interval`` gives the held-out accuracy the same way, as the
-label-free estimate of the pseudo-labels' accuracy with its interval.
+cautious end. ``pseudo_label_estimate`` turns the same votes into the label-free
+estimate of the unlabelled images' pseudo-label accuracy, with its interval.
 
 The queue is identical on every replica; each replica votes its share of the
 sampled images and the results are all-gathered, so every replica derives the
@@ -80,16 +80,30 @@ def wilson(p: jax.Array, n: jax.Array, z: float) -> tuple[jax.Array, jax.Array]:
     return jnp.where(empty, 0.0, jnp.clip(centre - half, 0, 1)), jnp.where(empty, 1.0, jnp.clip(centre + half, 0, 1))
 
 
-def accuracy_interval(held_out: HeldOutVotes, z: float = 1.96) -> dict[str, jax.Array]:
-    """The held-out accuracy, its Wilson interval over the distinct images voted, their
-    number and the votes' mean share (to compare with the unlabelled images')."""
+def pseudo_label_estimate(held_out: HeldOutVotes, unlabelled_share: jax.Array, z: float = 1.96
+                          ) -> dict[str, jax.Array]:
+    """The label-free estimate of the unlabelled images' pseudo-label accuracy, with how sure it is.
+
+    The held-out votes of labelled images are scored against their labels; two things make
+    their accuracy differ from the unlabelled images': how few distinct images were voted
+    (a Wilson interval over them at ``z``), and that their own labels shaped the embedding
+    they are voted in, which shows as votes surer (or less sure) than the unlabelled
+    images'. The estimate moves the held-out accuracy by the difference of the mean vote
+    shares, ``unlabelled - held out`` (a vote's share tracks its accuracy), and the
+    interval spans both the uncorrected and twice the corrected value, since how closely
+    accuracy follows the share is not known: an interval that widens with that difference.
+    """
     valid = held_out.valid.astype(jnp.float32)
     n = jnp.sum(valid)
-    p = jnp.sum(held_out.correct) / jnp.maximum(n, 1)
+    raw = jnp.sum(held_out.correct) / jnp.maximum(n, 1)
     images = distinct_images(held_out)
-    low, high = wilson(p, images, z)
-    return dict(accuracy=p, low=low, high=high, images=images,
-                share=jnp.sum(held_out.share * valid) / jnp.maximum(n, 1))
+    low, high = wilson(raw, images, z)
+    held_share = jnp.sum(held_out.share * valid) / jnp.maximum(n, 1)
+    shift = jnp.where(n > 0, unlabelled_share - held_share, 0.0)
+    return dict(raw=raw, images=images, held_out_share=held_share,
+                estimate=jnp.clip(raw + shift, 0, 1),
+                low=jnp.clip(low + jnp.minimum(shift, 0.0) * 2, 0, 1),
+                high=jnp.clip(high + jnp.maximum(shift, 0.0) * 2, 0, 1))
 
 
 def share_threshold(held_out: HeldOutVotes, min_precision: float, z: float = 0.0) -> jax.Array:

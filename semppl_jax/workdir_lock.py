@@ -2,16 +2,19 @@
 
 Two trainings (or a training and an export) writing one workdir overwrite each
 other's checkpoints and metrics. So whatever writes a workdir first takes its lease:
-a small JSON object naming the holder (host, process id, start, mode) with a
-heartbeat the holder renews every ``HEARTBEAT_SECS``. The lease is written with
-TensorStore's conditional writes (the client Orbax uses), which are atomic on a
-local disk, a shared filesystem and a bucket alike (Cloud Storage's generation
-preconditions): of two runs racing for it, one wins; a renewal that finds the
-lease changed under it knows it was taken over. No ``flock``, which a bucket lacks.
+a small JSON object naming the holder (host, process id, start, mode) that the
+holder rewrites every ``HEARTBEAT_SECS``. The lease is written with TensorStore's
+conditional writes (the client Orbax uses), atomic on a local disk, a shared
+filesystem and a bucket alike (Cloud Storage's generation preconditions): of two
+runs racing for it, one wins; a renewal that finds the lease changed under it knows
+it was taken over, and the run stops before its next save.
 
-A holder that died is taken over: at once when it ran on this host and its process
-is gone, otherwise once its heartbeat is ``STALE_SECS`` old. A multi-host run takes
-the lease once, on process 0, and every process learns the outcome.
+Is the holder still there? On this host (and process namespace) its process either
+runs or not. Elsewhere the newcomer watches the lease for ``CONFIRM_SECS``, on its
+own clock: a live holder renews it in that time, a dead one does not and is taken
+over (so a restart after a crash waits about a minute, and clocks need not agree).
+A multi-host run takes the lease once, on process 0, and every process learns the
+outcome.
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ from semppl_jax.paths import is_uri, workdir_path
 
 LEASE = "LOCK"
 HEARTBEAT_SECS = 30.0
-STALE_SECS = 300.0
+CONFIRM_SECS = 2 * HEARTBEAT_SECS + 5  # a live holder renews its lease within this
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 @dataclasses.dataclass
@@ -45,30 +55,38 @@ class Holder:
     heartbeat: float
     mode: str
     run: str
+    pidns: int = 0  # the process-id namespace the pid belongs to (containers share host names)
 
     def describe(self) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
-        return (f"host {self.host}, process {self.pid}, {self.mode} started {started}, last heartbeat "
-                f"{time.time() - self.heartbeat:.0f} s ago")
+        return f"host {self.host}, process {self.pid}, {self.mode} started {started}"
 
-    def alive(self) -> bool:
-        """Its heartbeat is fresh and, on this host, its process still runs."""
-        if self.host == socket.gethostname():
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                pass  # another user's live process
-        return time.time() - self.heartbeat < STALE_SECS
+    def recently_renewed(self) -> bool:
+        """By the holder's clock: a hint (the preflight's), not the decision ``acquire`` makes."""
+        return time.time() - self.heartbeat < CONFIRM_SECS
+
+    def here(self) -> bool:
+        """Whether its process id can be checked from this process."""
+        return self.host == socket.gethostname() and self.pidns == _pid_namespace() != 0
+
+    def runs_here(self) -> bool:
+        """On this host: its process still runs (not this one: a restarted container reuses ids)."""
+        if self.pid == os.getpid():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # another user's live process
+        return True
 
 
 def _store(workdir: str):
     import tensorstore as ts
 
     root = str(workdir_path(workdir)).rstrip("/") + "/"
-    spec = root if is_uri(root) else {"driver": "file", "path": root}
-    return ts.KvStore.open(spec).result()
+    return ts.KvStore.open(root if is_uri(root) else {"driver": "file", "path": root}).result()
 
 
 def read_holder(workdir: str) -> tuple[Holder | None, bytes]:
@@ -77,9 +95,21 @@ def read_holder(workdir: str) -> tuple[Holder | None, bytes]:
     if result.state != "value":
         return None, result.stamp.generation
     try:
-        return Holder(**json.loads(result.value)), result.stamp.generation
+        fields = json.loads(result.value)
+        known = {f.name for f in dataclasses.fields(Holder)}
+        return Holder(**{k: v for k, v in fields.items() if k in known}), result.stamp.generation
     except (ValueError, TypeError):  # a damaged lease protects nothing
         return Holder("?", 0, 0.0, 0.0, "?", "?"), result.stamp.generation
+
+
+def _watch(workdir: str, generation: bytes, seconds: float) -> bool:
+    """Whether the lease changes within ``seconds`` (its holder is alive)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        if read_holder(workdir)[1] != generation:
+            return True
+    return False
 
 
 class WorkdirLease:
@@ -88,7 +118,7 @@ class WorkdirLease:
     def __init__(self, workdir: str, mode: str):
         self.workdir, self.mode = workdir, mode
         now = time.time()
-        self.me = Holder(socket.gethostname(), os.getpid(), now, now, mode, uuid.uuid4().hex[:12])
+        self.me = Holder(socket.gethostname(), os.getpid(), now, now, mode, uuid.uuid4().hex[:12], _pid_namespace())
         self._generation = b""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,12 +130,13 @@ class WorkdirLease:
             if not is_uri(self.workdir):  # a bucket has no directories to make
                 workdir_path(self.workdir).mkdir(parents=True, exist_ok=True)
             holder, generation = read_holder(self.workdir)
-            if holder is not None and holder.alive():
-                raise WorkdirError(
-                    f"the workdir {self.workdir} is in use by another run ({holder.describe()}). Wait for it to "
-                    f"end or stop it, or use another workdir; a run that died is taken over (at once on the same "
-                    f"host, else {STALE_SECS:.0f} s after its last heartbeat).")
             if holder is not None:
+                alive = holder.runs_here() if holder.here() else _watch(self.workdir, generation, CONFIRM_SECS)
+                if alive:
+                    raise WorkdirError(
+                        f"the workdir {self.workdir} is in use by another run ({holder.describe()}). Wait for it "
+                        f"to end or stop it, or use another workdir; a run that died is taken over (at once on "
+                        f"the same host, else when its lease has not been renewed for {CONFIRM_SECS:.0f} s).")
                 logging.warning("taking over the workdir %s from a run that is gone (%s)", self.workdir,
                                 holder.describe())
             if not self._write(generation):
@@ -115,9 +146,9 @@ class WorkdirLease:
             raise WorkdirError(f"the workdir {self.workdir} cannot be written ({e}); choose a directory this "
                                f"process may create and write") from e
         except ValueError as e:  # TensorStore's error for a path it cannot write
-            if "ermission" in str(e) or "ead-only" in str(e) or "Not a directory" in str(e):
-                raise WorkdirError(f"the workdir {self.workdir} cannot be written ({e})") from e
-            raise
+            if not any(s in str(e) for s in ("ermission", "ead-only", "Not a directory", "Is a directory")):
+                raise
+            raise WorkdirError(f"the workdir {self.workdir} cannot be written ({e})") from e
         self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir-lease")
         self._thread.start()
 
@@ -129,27 +160,46 @@ class WorkdirLease:
         self._generation = stamp.generation
         return True
 
+    def _renew(self) -> None:
+        if self._write(self._generation):
+            return
+        holder, generation = read_holder(self.workdir)
+        if holder is not None and holder.run == self.me.run:  # our last renewal landed; its reply did not
+            self._generation = generation
+            return
+        self.lost = True
+        logging.error("the lease on %s was taken over (%s): this run stops before its next save", self.workdir,
+                      holder.describe() if holder else "released")
+
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECS):
+        while not self.lost and not self._stop.wait(HEARTBEAT_SECS):
             try:
-                if not self._write(self._generation):
-                    self.lost = True
-                    holder, _ = read_holder(self.workdir)
-                    logging.error("the lease on %s was taken over (%s): this run no longer holds its workdir",
-                                  self.workdir, holder.describe() if holder else "released")
-                    return
-            except Exception as e:  # noqa: BLE001 - a renewal that fails now may succeed at the next beat
+                self._renew()
+            except Exception as e:  # noqa: BLE001 - a renewal that fails now may pass at the next beat
                 logging.warning("renewing the lease on %s failed (%s); trying again", self.workdir, e)
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=HEARTBEAT_SECS)  # a renewal stuck in retries must not hold the exit
         if not self.lost and self._generation:
             try:
                 _store(self.workdir).write(LEASE, None, if_equal=self._generation).result()
-            except Exception as e:  # noqa: BLE001 - a lease left behind is taken over when found stale
+            except Exception as e:  # noqa: BLE001 - a lease left behind is taken over when found dead
                 logging.warning("releasing the lease on %s failed: %s", self.workdir, e)
+
+
+_HELD: dict[str, WorkdirLease] = {}  # this process's leases, by workdir
+
+
+def check_still_held(workdir: str) -> None:
+    """Raises on every process when this run's lease on ``workdir`` was taken over (a collective:
+    call it where every process does, e.g. before a save)."""
+    lease = _HELD.get(str(workdir_path(workdir)))
+    lost = multihost.allgather_json(bool(lease is not None and lease.lost))
+    if any(lost):
+        raise WorkdirError(f"another run took over the workdir {workdir} (this run's lease was not renewed in "
+                           f"time); this run stops without saving, so that one writer remains")
 
 
 @contextlib.contextmanager
@@ -165,8 +215,12 @@ def held(workdir: str, mode: str) -> Iterator[WorkdirLease | None]:
         return True
 
     multihost.decided_by_process_zero(take)  # process 0's refusal is raised on every process
+    key = str(workdir_path(workdir))
+    if lease is not None:
+        _HELD[key] = lease
     try:
         yield lease
     finally:
+        _HELD.pop(key, None)
         if lease is not None:
             lease.release()

@@ -60,30 +60,31 @@ def test_a_second_training_is_refused_naming_the_first_and_a_dead_one_is_taken_o
     assert not (workdir / workdir_lock.LEASE).exists()  # released at the end
 
 
-def test_the_lease_on_a_bucket_refuses_a_second_holder_until_the_first_goes_stale(tmp_path, monkeypatch):
+def test_the_lease_on_a_bucket_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, monkeypatch):
+    """Through TensorStore's GCS client and a Cloud Storage stand-in: the holder renews its
+    lease by conditional writes; a newcomer on another host watches it, is refused while it
+    is renewed, and takes it over once it is not."""
     stand_in = GcsStandIn(str(tmp_path / "gcs"))
     (tmp_path / "gcs" / "bucket-l").mkdir(parents=True)
     for k, v in stand_in.env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(workdir_lock, "HEARTBEAT_SECS", 0.2)
+    monkeypatch.setattr(workdir_lock, "CONFIRM_SECS", 1.0)
     first = workdir_lock.WorkdirLease("gs://bucket-l/run", "train")
     first.acquire()
+    monkeypatch.setattr(workdir_lock.socket, "gethostname", lambda: "another-host")  # the newcomer's host
     try:
         with pytest.raises(errors.WorkdirError, match="in use by another run"):
             workdir_lock.WorkdirLease("gs://bucket-l/run", "export").acquire()
-        time.sleep(0.7)
-        assert stand_in.requests["write"] >= 3  # the heartbeat renews the lease, conditionally
-        holder, _ = workdir_lock.read_holder("gs://bucket-l/run")
-        assert time.time() - holder.heartbeat < 0.5
+        assert stand_in.requests["write"] >= 4  # renewals, each a conditional write
     finally:
-        first._stop.set()  # the holder dies: no more heartbeats, nothing released
+        first._stop.set()  # the holder dies: no more renewals, nothing released
         first._thread.join()
-    monkeypatch.setattr(workdir_lock, "STALE_SECS", 0.5)
-    monkeypatch.setattr(workdir_lock.socket, "gethostname", lambda: "another-host")  # no process check
-    time.sleep(0.6)
     second = workdir_lock.WorkdirLease("gs://bucket-l/run", "train")
-    second.acquire()  # the stale lease is taken over
+    second.acquire()  # one second without a renewal: taken over
     assert workdir_lock.read_holder("gs://bucket-l/run")[0].run == second.me.run
+    first._renew()  # the old holder learns it lost the lease
+    assert first.lost
     second.release()
     assert workdir_lock.read_holder("gs://bucket-l/run")[0] is None
     stand_in.close()
@@ -98,22 +99,33 @@ def trained(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.parametrize("field,value", [("semppl.alpha", 0.0), ("optim.base_lr", 5.0), ("model.bn_decay", 0.99),
-                                         ("training.compute_dtype", "bfloat16")])
-def test_a_resume_that_changes_what_the_run_computes_is_refused_or_recorded(trained, tmp_path, field, value):
-    workdir = tmp_path / "run"
-    subprocess.run(["cp", "-r", str(trained), str(workdir)], check=True)
+CHANGES = {"semppl.alpha": 0.0, "optim.base_lr": 5.0, "model.bn_decay": 0.99, "training.compute_dtype": "bfloat16"}
+
+
+def _changed(**fields):
     config = tiny.get_config()
     config.training.update(num_steps=4, checkpoint_every_steps=2)
-    section, name = field.split(".")
-    config[section][name] = value
+    for field, value in fields.items():
+        section, name = field.split(".")
+        config[section][name] = value
+    return config
+
+
+@pytest.mark.parametrize("field", sorted(CHANGES))
+def test_a_resume_that_changes_what_the_run_computes_is_refused(trained, field):
     with pytest.raises(checkpointing.ConfigDriftError, match=field.replace(".", r"\.")):
-        jobs.train(config, str(workdir))
-    assert not (workdir / "config_history.jsonl").exists()
-    jobs.train(config, str(workdir), allow_config_change=True)
+        jobs.train(_changed(**{field: CHANGES[field]}), str(trained))  # refused before anything is written
+    assert not (trained / "config_history.jsonl").exists()
+
+
+def test_a_deliberate_change_is_recorded_and_the_config_in_force_written(trained, tmp_path):
+    workdir = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(trained), str(workdir)], check=True)
+    jobs.train(_changed(**CHANGES), str(workdir), allow_config_change=True)
     [record] = [json.loads(line) for line in (workdir / "config_history.jsonl").read_text().splitlines()]
-    assert record["step"] == 2 and set(record["changes"]) == {field} and record["changes"][field]["now"] == value
-    assert json.loads((workdir / "config.json").read_text())[section][name] == value  # the config in force
+    assert record["step"] == 2 and {k: v["now"] for k, v in record["changes"].items()} == CHANGES
+    written = json.loads((workdir / "config.json").read_text())
+    assert all(written[f.split(".")[0]][f.split(".")[1]] == v for f, v in CHANGES.items())
 
 
 def test_a_config_for_another_mode_is_refused(tmp_path):

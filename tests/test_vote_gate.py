@@ -150,3 +150,18 @@ def test_sampled_slots_cover_the_queue_uniformly():
     counts = np.bincount(slots, minlength=20)
     assert slots.min() == 0 and slots.max() == 19
     assert np.all(np.abs(counts / 1000 - 1) < 0.15)
+
+
+def test_the_estimate_moves_by_the_share_gap_and_its_interval_spans_the_correction():
+    """40 distinct images, 30 right, voted with a mean share of 0.6; unlabelled votes at 0.7:
+    estimate 0.75 + 0.1; the interval from Wilson's low end to its high end + 2 x 0.1."""
+    n = 40
+    votes = vote_gate.HeldOutVotes(jnp.full(n, 0.6), jnp.arange(n) < 30, jnp.ones(n, bool), jnp.arange(n))
+    got = {k: float(v) for k, v in vote_gate.pseudo_label_estimate(votes, jnp.asarray(0.7)).items()}
+    low, high = _wilson_low(0.75, 40, 1.96), 1 - _wilson_low(0.25, 40, 1.96)
+    assert got["raw"] == 0.75 and got["images"] == 40 and got["held_out_share"] == pytest.approx(0.6)
+    assert got["estimate"] == pytest.approx(0.85, abs=1e-6)
+    assert got["low"] == pytest.approx(low, abs=1e-5) and got["high"] == pytest.approx(min(1, high + 0.2), abs=1e-5)
+    lower = {k: float(v) for k, v in vote_gate.pseudo_label_estimate(votes, jnp.asarray(0.5)).items()}
+    assert lower["estimate"] == pytest.approx(0.65, abs=1e-6) and lower["low"] == pytest.approx(low - 0.2, abs=1e-5)
+    assert lower["high"] == pytest.approx(high, abs=1e-5)
