@@ -8,7 +8,7 @@ HERE = pathlib.Path(__file__).parent
 REQUIREMENTS = [
     line.split("#")[0].strip()
     for line in (HERE / "requirements.txt").read_text().splitlines()
-    if line.split("#")[0].strip() and not line.startswith(("pytest", "ruff"))
+    if line.split("#")[0].strip() and not line.startswith(("pytest", "execnet", "ruff"))
 ]
 
 setup(

@@ -62,8 +62,8 @@ EVERY_VOTE = dict(min_vote_share=0.0, min_vote_precision=0.0)  # the paper: no g
 
 
 @pytest.mark.parametrize("num_negatives,gate", [
-    (None, EVERY_VOTE), (5, EVERY_VOTE),
-    (None, dict(min_vote_share=0.6, min_vote_precision=0.0)),  # a fixed threshold
+    (None, EVERY_VOTE),
+    (5, dict(min_vote_share=0.6, min_vote_precision=0.0)),  # sampled negatives, a fixed threshold
     # A measured one; random images give held-out votes near chance (10%), hence the low bar,
     (None, dict(min_vote_share=0.0, min_vote_precision=0.02)),  # 80% sure of it (the default confidence)
 ])
