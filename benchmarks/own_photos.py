@@ -282,6 +282,23 @@ def report(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def estimate_report(results: list[dict]) -> str:
+    """A row per pretraining run: the logged estimate and interval against the hidden-label accuracy."""
+    lines = ["| set | labels | seed | method | held-out images | estimate [95% interval] | hidden-label accuracy "
+             "(last log) | inside | exported pseudo-labels | inside |", "|" + " --- |" * 10]
+    for r in results:
+        if r.get("estimate") is None:
+            continue
+        low, high = r["estimate_low"], r["estimate_high"]
+        truth, exported = r.get("training_pseudo_label_accuracy"), r["pseudo_label_accuracy"]
+        inside = ["-" if v is None else "yes" if low <= v <= high else "no" for v in (truth, exported)]
+        lines.append(f"| {r['set']} | {r['labels']} | {r['seed']} | {r['method']} | {r['held_out_images']:.0f} | "
+                     f"{100 * r['estimate']:.1f} [{100 * low:.1f}, {100 * high:.1f}] | "
+                     f"{'-' if truth is None else f'{100 * truth:.1f}'} | {inside[0]} | {100 * exported:.1f} | "
+                     f"{inside[1]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True)
@@ -310,7 +327,7 @@ def main() -> None:
     table = report(results)
     suffix = f"_{args.tag}" if args.tag else ""
     with open(os.path.join(args.root, f"own_photos{suffix}.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(table + "\n\n" + estimate_report(results) + "\n")
     with open(os.path.join(args.root, f"own_photos{suffix}.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(table)
