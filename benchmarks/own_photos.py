@@ -285,7 +285,7 @@ def report(results: list[dict]) -> str:
 def estimate_report(results: list[dict]) -> str:
     """A row per pretraining run: the logged estimate and interval against the hidden-label accuracy."""
     lines = ["| set | labels | seed | method | held-out images | estimate [95% interval] | hidden-label accuracy "
-             "(last log) | inside | exported pseudo-labels | inside |", "|" + " --- |" * 10]
+             "(last 3 logs) | inside | exported pseudo-labels | inside |", "|" + " --- |" * 10]
     for r in results:
         if r.get("estimate") is None:
             continue
