@@ -199,10 +199,13 @@ def pretrain_and_score(layout: str, workdir: str, seed: int, method: str, overri
         with open(os.path.join(layout, "hidden.json")) as f:
             classes = json.load(f)
         accuracy = float(np.mean([classes[r["file_name"]] == r["class_name"] for r in rows]))
+    result = dict(knn_top1=knn["top1"], pseudo_label_accuracy=accuracy, exported=len(rows))
+    with open(os.path.join(pretrain, "config.json")) as f:
+        if json.load(f)["dataset"]["name"] != config.dataset.name:  # a shared alpha = 0 encoder: its logs are
+            return result                                            # another layout's
     logged = [r for r in read_jsonl(os.path.join(pretrain, "metrics.jsonl")) if "loss" in r]
     tail = [r["pseudo_label_accuracy"] for r in logged[-3:] if "pseudo_label_accuracy" in r]
-    return dict(knn_top1=knn["top1"], pseudo_label_accuracy=accuracy, exported=len(rows),
-                training_pseudo_label_accuracy=float(np.mean(tail)) if tail else None,
+    return dict(result, training_pseudo_label_accuracy=float(np.mean(tail)) if tail else None,
                 **estimate_at_end(logged[-1]))
 
 
