@@ -162,9 +162,9 @@ def _config(layout: str, seed: int, alpha0: bool, overrides=(), hidden: bool = F
     unlabelled images keep their classes, hidden behind a list of the labelled ones, so that the
     pseudo-labels' accuracy is logged while training. The same images, ids and batches."""
     from experiments import folder
-    from semppl_jax import config_checks
+    from semppl_jax import config_checks, folder_preset
 
-    config = folder.get_config(layout)
+    config = folder_preset.resolve(folder.get_config(layout), None)
     if hidden:
         config.dataset.update(dict(name=f"folder:{layout}_hidden", label_subset=f"{layout}_hidden/labelled.txt"))
     config.seed = config.dataset.label_seed = seed

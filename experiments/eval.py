@@ -48,6 +48,9 @@ def for_pretraining(protocol: str, preset: str, pretrain_config, checkpoint: str
     for field in DATA_FIELDS:  # evaluated on the data it was pretrained on (own data included)
         c.dataset[field] = pretrain_config.dataset[field]
     c.model = copy.deepcopy(pretrain_config.model)
+    if "folder_preset" in pretrain_config:  # what the folder preset read from the data when the run began
+        c.views, c.augment = copy.deepcopy(pretrain_config.views), copy.deepcopy(pretrain_config.augment)
+        c.eval.flip, c.folder_preset = pretrain_config.eval.flip, copy.deepcopy(pretrain_config.folder_preset)
     c.seed = pretrain_config.seed
     c.dataset.label_seed = pretrain_config.dataset.label_seed
     c.eval.checkpoint = checkpoint

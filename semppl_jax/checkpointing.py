@@ -56,7 +56,8 @@ NOT_COMPUTING = ("job", "dataset.data_dir", "dataset.subset_cache_dir", "dataset
                  "training.eval_max_examples", "training.profile_first_step", "training.profile_num_steps",
                  "training.collapse_std_fraction", "training.collapse_loss_ratio", "training.stop_on_collapse",
                  "model.remat", "augment.blur_impl", "views.transpose_images",
-                 "dataset.eval_split")  # the online k-NN's test split: a monitor
+                 "dataset.eval_split",  # the online k-NN's test split: a monitor
+                 "folder_preset.resolved")  # the values it sets are compared themselves
 NOT_COMPUTING_SECTIONS = ("eval.",)  # how the encoder is evaluated afterwards
 
 

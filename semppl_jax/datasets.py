@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from semppl_jax import image_folder, label_subsets, sources, split_index
+from semppl_jax.errors import DataError
 from semppl_jax.sources import Source
 
 
@@ -26,7 +27,7 @@ def load_source(name: str, split: str, data_dir: str | None = None, synthetic_si
     listing is cached in ``cache_dir``)."""
     if name == "synthetic":
         if split not in ("train", "test"):
-            raise ValueError(f"synthetic has splits 'train' and 'test', not {split!r}")
+            raise DataError(f"synthetic has splits 'train' and 'test', not {split!r}")
         num = synthetic_size if split == "train" else max(synthetic_size // 4, 10)
         images, image_labels = sources.synthetic_arrays(num, synthetic_image_size, seed=seed + (split != "train"))
         return sources.array_source(images, image_labels, 10, "synthetic", split)
@@ -36,7 +37,7 @@ def load_source(name: str, split: str, data_dir: str | None = None, synthetic_si
     if name.startswith("folder:"):
         return image_folder.folder_source(name[len("folder:"):], split, labels_file, cache_dir)
     if labels_file:
-        raise ValueError(f"dataset.labels_file labels an image folder; {name!r} is not one")
+        raise DataError(f"dataset.labels_file labels an image folder; {name!r} is not one")
     return sources.tfds_source(name, split, data_dir)
 
 
@@ -80,8 +81,8 @@ def align_classes(source: Source, classes: tuple[str, ...]) -> Source:
     ``i`` names the same class in every split."""
     unknown = sorted(set(source.class_names) - set(classes))
     if unknown:
-        raise ValueError(f"dataset {source.name!r}, split {source.split!r}: the classes {unknown} have no image in "
-                         f"the training split (classes {list(classes)}); a model cannot learn them")
+        raise DataError(f"dataset {source.name!r}, split {source.split!r}: the classes {unknown} have no image in "
+                        f"the training split (classes {list(classes)}); a model cannot learn them")
     mapping = np.array([classes.index(c) for c in source.class_names], np.int32)
     renumber = (lambda y: np.where(y >= 0, mapping[np.maximum(y, 0)], -1).astype(np.int32))
     table = source.table

@@ -12,14 +12,17 @@ written gets a new digest, so the change is seen at the next start.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
+from collections.abc import Iterator
 
 from absl import logging
 from etils import epath
 
 from semppl_jax import multihost
+from semppl_jax.errors import MissingDataError
 from semppl_jax.paths import is_uri
 
 PREFIX_LISTED = ("gs://", "s3://")  # schemes TensorStore lists by prefix
@@ -76,9 +79,32 @@ def _write_cache(path: epath.Path, key: str, names: list[str]) -> None:
     tmp.replace(path)
 
 
+_THIS_RUN: list[dict] = []  # the listings made so far, inside ``one_listing_a_run``
+
+
+@contextlib.contextmanager
+def one_listing_a_run() -> Iterator[None]:
+    """Within it, a folder listed once (by ``shared_listing``) is not listed again: the
+    launcher's run reads its folder at start-up (the preset's figures, then the data)."""
+    _THIS_RUN.append({})
+    try:
+        yield
+    finally:
+        _THIS_RUN.pop()
+
+
 def shared_listing(top: str, cache_dir: str | None) -> tuple[list[str], str]:
     """(the files under ``top``, their digest), listed by process 0 alone and read by the
     others from ``cache_dir``; without a cache every process lists for itself."""
+    if _THIS_RUN:
+        run = _THIS_RUN[-1]
+        if (top, cache_dir) not in run:
+            run[top, cache_dir] = _shared_listing(top, cache_dir)
+        return run[top, cache_dir]
+    return _shared_listing(top, cache_dir)
+
+
+def _shared_listing(top: str, cache_dir: str | None) -> tuple[list[str], str]:
     if not cache_dir:
         names = list_files(top)
         return names, digest(names)
@@ -98,7 +124,7 @@ def shared_listing(top: str, cache_dir: str | None) -> tuple[list[str], str]:
         return listed[0], key
     cached = _read_cache(path)
     if cached is None or cached[0] != key:
-        raise FileNotFoundError(f"the listing of {top} that process 0 wrote to {path} is "
-                                f"{'missing' if cached is None else 'another one'} here: is the workdir a "
-                                f"filesystem (or bucket) every process shares?")
+        raise MissingDataError(f"the listing of {top} that process 0 wrote to {path} is "
+                               f"{'missing' if cached is None else 'another one'} here: is the workdir a "
+                               f"filesystem (or bucket) every process shares?")
     return cached[1], key

@@ -23,6 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 from semppl_jax import folder_listing, label_subsets
+from semppl_jax.errors import DataError, MissingDataError
 from semppl_jax.sources import RandomAccessSource
 
 # What ``tf.io.decode_image`` reads: JPEG, PNG, GIF, BMP, WebP and JPEG XL.
@@ -61,7 +62,7 @@ def folder_source(root: str, split: str | None, labels_file: str | None = None,
     else:
         classes, rel, image_labels = _by_class_directory(top, listing, images)
     if not rel:
-        raise ValueError(f"image folder {top!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"image folder {top!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
     order = sorted(range(len(rel)), key=lambda i: (os.path.basename(rel[i]), rel[i]))
     order = np.array(order)[np.random.default_rng(FOLDER_ORDER_SEED).permutation(len(order))]
     rel_names = np.array(rel)[order]
@@ -98,8 +99,8 @@ def _by_csv(top: str, images: list[str], labels_file: str) -> tuple[list[str], l
     present = {os.path.basename(r) for r in images}
     missing = sorted(n for n in by_name if n not in present)
     if len(missing) == len(by_name):
-        raise ValueError(f"dataset.labels_file {labels_file!r}: none of its {len(by_name)} file names "
-                         f"matches an image under {top} (e.g. {sorted(by_name)[0]!r})")
+        raise DataError(f"dataset.labels_file {labels_file!r}: none of its {len(by_name)} file names "
+                        f"matches an image under {top} (e.g. {sorted(by_name)[0]!r})")
     if missing:  # a CSV may cover several splits, or name files that are gone: counted, never silent
         logging.warning("dataset.labels_file %s: %d of its %d rows name no image under %s (%s)", labels_file,
                         len(missing), len(by_name), top, _some(missing))
@@ -112,18 +113,18 @@ def _by_class_directory(top: str, listing: list[str], images: list[str]
     """(classes, images, labels) of ``<class>/**/<image>`` under ``top``; ``unlabelled/`` gets -1."""
     loose = [n for n in images if "/" not in n]
     if loose:
-        raise ValueError(f"image folder {top!r} has {len(loose)} images outside any directory ({_some(loose)}): "
-                         f"put each under <class>/ or {UNLABELLED_DIR}/, or label them with dataset.labels_file")
+        raise DataError(f"image folder {top!r} has {len(loose)} images outside any directory ({_some(loose)}): "
+                        f"put each under <class>/ or {UNLABELLED_DIR}/, or label them with dataset.labels_file")
     dirs = sorted({n.split("/", 1)[0] for n in listing if "/" in n})
     classes = label_subsets.class_list([d for d in dirs if d != UNLABELLED_DIR], f"image folder {top!r}")
     with_images = {n.split("/", 1)[0] for n in images}
     empty = [c for c in classes if c not in with_images]
     if empty:
-        raise ValueError(f"image folder {top!r}: the class directories {_some(empty)} hold no image; remove them "
-                         f"or add images (a class without images would never be predicted)")
+        raise DataError(f"image folder {top!r}: the class directories {_some(empty)} hold no image; remove them "
+                        f"or add images (a class without images would never be predicted)")
     if not classes:
-        raise ValueError(f"image folder {top!r} has no class directories (only {UNLABELLED_DIR}/ or nothing); "
-                         f"label some images with class directories or dataset.labels_file")
+        raise DataError(f"image folder {top!r} has no class directories (only {UNLABELLED_DIR}/ or nothing); "
+                        f"label some images with class directories or dataset.labels_file")
     index = {c: i for i, c in enumerate(classes)}
     return classes, images, [index.get(n.split("/", 1)[0], -1) for n in images]
 
@@ -131,12 +132,12 @@ def _by_class_directory(top: str, listing: list[str], images: list[str]
 def _explain_empty(root: str, split: str | None) -> None:
     """Raises the error for a folder (or split) with no file at all, naming what exists."""
     if not tf.io.gfile.isdir(root):
-        raise FileNotFoundError(f"dataset.name='folder:{root}': no such directory {root!r}")
+        raise MissingDataError(f"dataset.name='folder:{root}': no such directory {root!r}")
     if split is not None:
         splits = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root))
-        raise ValueError(f"image folder {root!r} has splits {splits}, not {split!r} "
-                         f"(expected {root}/{split}/<class>/*.jpg)")
-    raise ValueError(f"image folder {root!r} holds no file")
+        raise DataError(f"image folder {root!r} has splits {splits}, not {split!r} "
+                        f"(expected {root}/{split}/<class>/*.jpg)")
+    raise DataError(f"image folder {root!r} holds no file")
 
 
 def _read_file(ex: dict) -> dict:

@@ -17,6 +17,7 @@ import tensorflow as tf
 from absl import logging
 
 from semppl_jax import multihost
+from semppl_jax.errors import DataError, MissingDataError
 
 SUBSET_FILES = {"1pct": "1percent.txt", "10pct": "10percent.txt"}
 # Where SimCLR's lists are looked for when neither subset_cache_dir nor $SEMPPL_SUBSET_DIR is set.
@@ -38,8 +39,8 @@ def class_list(names: Iterable[str], where: str) -> list[str]:
     for name in distinct:
         key = name.strip().casefold()
         if key in seen:
-            raise ValueError(f"{where}: the classes {seen[key]!r} and {name!r} differ only in case or spaces; "
-                             f"use one name for one class")
+            raise DataError(f"{where}: the classes {seen[key]!r} and {name!r} differ only in case or spaces; "
+                            f"use one name for one class")
         seen[key] = name
     return distinct
 
@@ -52,7 +53,7 @@ def read_labels_csv(path: str) -> dict[str, str]:
     column names (``FILE_HEADERS``, ``CLASS_HEADERS``, any case, a spreadsheet's
     byte-order mark removed); any other first row is data."""
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"dataset.labels_file: no such file {path!r}")
+        raise MissingDataError(f"dataset.labels_file: no such file {path!r}")
     with tf.io.gfile.GFile(path, "rb") as f:
         text = f.read().decode("utf-8-sig")  # utf-8-sig drops a byte-order mark
     rows = [(i + 1, r) for i, r in enumerate(csv.reader(io.StringIO(text))) if r and any(c.strip() for c in r)]
@@ -61,13 +62,13 @@ def read_labels_csv(path: str) -> dict[str, str]:
     found: dict[str, str] = {}
     for line, row in rows:
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            raise ValueError(f"dataset.labels_file {path!r}, line {line}: expected 'file_name,class', got {row}")
+            raise DataError(f"dataset.labels_file {path!r}, line {line}: expected 'file_name,class', got {row}")
         name, cls = os.path.basename(row[0].strip()), row[1].strip()
         if found.setdefault(name, cls) != cls:
-            raise ValueError(f"dataset.labels_file {path!r}, line {line}: {name!r} is given two classes "
-                             f"({found[name]!r}, {cls!r})")
+            raise DataError(f"dataset.labels_file {path!r}, line {line}: {name!r} is given two classes "
+                            f"({found[name]!r}, {cls!r})")
     if not found:
-        raise ValueError(f"dataset.labels_file {path!r} labels no file")
+        raise DataError(f"dataset.labels_file {path!r} labels no file")
     return found
 
 
@@ -99,16 +100,16 @@ def resolve_subset_file(spec: str, cache_dir: str | None, fetch: bool = False) -
     url = SIMCLR_SUBSET_URL.format(fname)
     if not fetch:
         where = "" if len(missing) == len(everywhere) else f" on process(es) {missing}"
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"label_subset={spec!r}: {fname} not found in {candidates}{where}. Put SimCLR's list there "
             f"(from {url}), set dataset.subset_cache_dir, or allow a download with dataset.fetch_subsets=True.")
     if not cache_dir:
-        raise ValueError("dataset.fetch_subsets needs dataset.subset_cache_dir to download into")
+        raise DataError("dataset.fetch_subsets needs dataset.subset_cache_dir to download into")
     target = f"{cache_dir.rstrip('/')}/{fname}"
     multihost.decided_by_process_zero(lambda: _download(url, target))
     if not tf.io.gfile.exists(target):
-        raise FileNotFoundError(f"label_subset={spec!r}: process 0 downloaded {target}, which this process "
-                                f"cannot see: dataset.subset_cache_dir must be shared by every process")
+        raise MissingDataError(f"label_subset={spec!r}: process 0 downloaded {target}, which this process "
+                               f"cannot see: dataset.subset_cache_dir must be shared by every process")
     return target
 
 
@@ -120,7 +121,7 @@ def _download(url: str, target: str) -> str:
         with urllib.request.urlopen(url, timeout=30) as r:
             data = r.read()
     except OSError as e:
-        raise FileNotFoundError(f"could not download {url} ({e}); put the file at {target} by hand") from e
+        raise MissingDataError(f"could not download {url} ({e}); put the file at {target} by hand") from e
     tf.io.gfile.makedirs(os.path.dirname(target))
     tmp = f"{target}.tmp.{os.getpid()}"
     with tf.io.gfile.GFile(tmp, "wb") as f:
@@ -131,11 +132,11 @@ def _download(url: str, target: str) -> str:
 
 def read_subset_list(path: str) -> set[str]:
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"label_subset: no such file {path!r}")
+        raise MissingDataError(f"label_subset: no such file {path!r}")
     with tf.io.gfile.GFile(path) as f:
         names = {line.strip() for line in f if line.strip()}
     if not names:
-        raise ValueError(f"label_subset: {path!r} names no file")
+        raise DataError(f"label_subset: {path!r} names no file")
     return names
 
 
@@ -143,7 +144,7 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
     """Boolean mask choosing ``round(fraction * n_c)`` (at least 1) images of each class;
     entries labelled -1 (unreadable) are never chosen."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"label_subset fraction must be in (0, 1], got {fraction}")
+        raise DataError(f"label_subset fraction must be in (0, 1], got {fraction}")
     rng = np.random.default_rng(seed)
     mask = np.zeros(len(labels), bool)
     for c in np.unique(labels[labels >= 0]):
@@ -171,9 +172,9 @@ def labelled_mask(source, spec: str, seed: int, cache_dir: str | None = None, fe
     missing = len(wanted) - int(mask.sum())
     unreadable = source.num_unreadable
     if missing > unreadable:
-        raise ValueError(f"label_subset {path!r}: {len(wanted) - missing} of its {len(wanted)} file names match "
-                         f"an image of the split ({source.num_examples} images); the list does not fit this "
-                         f"dataset.")
+        raise DataError(f"label_subset {path!r}: {len(wanted) - missing} of its {len(wanted)} file names match "
+                        f"an image of the split ({source.num_examples} images); the list does not fit this "
+                        f"dataset.")
     if missing:  # they can be among the images that could not be read: degrade, do not stop
         logging.warning("label_subset %r: %d of its %d images are not in the split, which has %d unreadable "
                         "images; training with the %d labelled images found", path, missing, len(wanted),

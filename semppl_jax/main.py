@@ -89,24 +89,33 @@ def check_job(config, mode: str) -> None:
 
 
 def _run_mode() -> None:
-    from semppl_jax import distributed, jobs, preemption, workdir_lock
+    from semppl_jax import distributed, folder_listing, jobs
 
     logging.get_absl_handler().addFilter(jobs.QuietOrbax())
     if _DISTRIBUTED.value or _COORDINATOR.value:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
-    mode, config, workdir = _MODE.value, _CONFIG.value, _WORKDIR.value
+    with folder_listing.one_listing_a_run():  # a folder is listed once, whoever asks first
+        _run(_MODE.value, _CONFIG.value, _WORKDIR.value, config_flags.get_override_values(flags.FLAGS["config"]))
+
+
+def _run(mode: str, config, workdir: str, overrides: dict) -> None:
+    from semppl_jax import folder_preset, jobs, preemption, workdir_lock
+    from semppl_jax.paths import workdir_path
+
     if mode != "check":  # the preflight checks evaluation configs as well
         check_job(config, mode)
     if mode == "check":  # writes nothing to keep; reports a live holder instead of taking the lease
         from semppl_jax import preflight
 
         with preemption.exit_at_once():
-            if not preflight.run(config, workdir, _EXPECT_PROCESSES.value, _EXPECT_PLATFORM.value):
+            if not preflight.run(config, workdir, _EXPECT_PROCESSES.value, _EXPECT_PLATFORM.value, overrides):
                 sys.exit(preflight.FAILED_EXIT_CODE)
         return
     with workdir_lock.held(workdir, mode):
+        # experiments/folder.py's values, from the run's listing of the folder (cached in the workdir)
+        folder_preset.resolve(config, str(workdir_path(workdir) / "data_index"), overrides)
         if mode == "train":  # stops at once before its first step, saves first after it
             jobs.train(config, workdir, stop_after=_STOP_AFTER.value, allow_config_change=_ALLOW_CHANGE.value)
             return

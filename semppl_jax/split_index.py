@@ -23,6 +23,7 @@ from absl import logging
 from etils import epath
 
 from semppl_jax import multihost
+from semppl_jax.errors import DataError, MissingDataError
 from semppl_jax.sources import Source, decode
 
 OK, UNREADABLE, TOO_SMALL = 0, 1, 2  # what the scan found, per id
@@ -150,13 +151,13 @@ def _allgather_shares(mine: dict[str, np.ndarray], process_count: int) -> list[d
 def _read_index(path: str, key: dict) -> SplitIndex:
     path = epath.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"the data index {path} exists for process 0 but not here: is the workdir "
-                                f"a filesystem every process shares?")
+        raise MissingDataError(f"the data index {path} exists for process 0 but not here: is the workdir "
+                               f"a filesystem every process shares?")
     data = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
     saved = json.loads(str(data["key"]))
     if saved != key:
-        raise ValueError(f"the data index {path} was built for another dataset ({saved}) than this one "
-                         f"({key}): was the data changed under the run? Delete the file to index again.")
+        raise DataError(f"the data index {path} was built for another dataset ({saved}) than this one "
+                        f"({key}): was the data changed under the run? Delete the file to index again.")
     return SplitIndex(data["status"], data["labels"], np.char.decode(data["file_names"], "utf-8"))
 
 
@@ -177,8 +178,8 @@ def _with_index(source: Source, index: SplitIndex, min_side: int) -> Source:
     labels = index.labels if source.labels is None else source.labels
     names = np.asarray(index.file_names) if source.file_names is None else source.file_names
     if not readable.any():
-        raise ValueError(f"dataset {source.name!r}, split {source.split!r}: none of its {source.num_ids} "
-                         f"images could be used (e.g. {names[0]})")
+        raise DataError(f"dataset {source.name!r}, split {source.split!r}: none of its {source.num_ids} "
+                        f"images could be used (e.g. {names[0]})")
     skipped, lost = (), 0
     if source.random_access:
         skipped = tuple(str(n) for n in names[~readable])
