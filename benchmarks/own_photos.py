@@ -204,23 +204,29 @@ def pretrain_and_score(layout: str, workdir: str, seed: int, method: str, overri
         if json.load(f)["dataset"]["name"] != config.dataset.name:  # a shared alpha = 0 encoder: its logs are
             return result                                            # another layout's
     logged = [r for r in read_jsonl(os.path.join(pretrain, "metrics.jsonl")) if "loss" in r]
-    tail = [r["pseudo_label_accuracy"] for r in logged[-3:] if "pseudo_label_accuracy" in r]
+    tail = [r["pseudo_label_accuracy"] for r in logged[-3:] if "pseudo_label_accuracy" in r] if hidden else []
     return dict(result, training_pseudo_label_accuracy=float(np.mean(tail)) if tail else None,
                 **estimate_at_end(logged[-1]))
 
 
 def estimate_at_end(last: dict) -> dict:
-    """The label-free estimate and its interval at the last logged step, recomputed from the
-    logged held-out votes and vote shares with the step's own formula
-    (``vote_gate.pseudo_label_estimate``), so runs logged before it are scored alike."""
+    """The label-free estimate and its interval at the last logged step: the calibration
+    fold's as logged, or else the queue's, recomputed from the logged held-out votes and vote
+    shares with the step's own formula (``vote_gate.pseudo_label_estimate``), so runs logged
+    before it are scored alike."""
     import jax.numpy as jnp
 
     from semppl_jax import vote_gate
 
+    if last.get("calibration_images"):
+        return dict(estimate_from="fold", held_out_images=last["calibration_images"],
+                    held_out_accuracy=last["queue_held_out_accuracy"],
+                    estimate=last["pseudo_label_accuracy_estimate"], estimate_low=last["pseudo_label_accuracy_low"],
+                    estimate_high=last["pseudo_label_accuracy_high"])
     raw, images = last["queue_held_out_accuracy"], last["queue_held_out_images"]
     shift = last["pseudo_label_vote_share"] - last["queue_held_out_vote_share"]
     low, high = (float(v) for v in vote_gate.wilson(jnp.asarray(raw), jnp.asarray(images), 1.96))
-    return dict(held_out_accuracy=raw, held_out_images=images, vote_share_gap=shift,
+    return dict(estimate_from="queue", held_out_accuracy=raw, held_out_images=images, vote_share_gap=shift,
                 estimate=min(1.0, max(0.0, raw + shift)), estimate_low=max(0.0, low + 2 * min(shift, 0.0)),
                 estimate_high=min(1.0, high + 2 * max(shift, 0.0)))
 
@@ -287,7 +293,7 @@ def report(results: list[dict]) -> str:
 
 def estimate_report(results: list[dict]) -> str:
     """A row per pretraining run: the logged estimate and interval against the hidden-label accuracy."""
-    lines = ["| set | labels | seed | method | held-out images | estimate [95% interval] | hidden-label accuracy "
+    lines = ["| set | labels | seed | method | images voted (from) | estimate [95% interval] | hidden-label accuracy "
              "(last 3 logs) | inside | exported pseudo-labels | inside |", "|" + " --- |" * 10]
     for r in results:
         if r.get("estimate") is None:
@@ -295,7 +301,8 @@ def estimate_report(results: list[dict]) -> str:
         low, high = r["estimate_low"], r["estimate_high"]
         truth, exported = r.get("training_pseudo_label_accuracy"), r["pseudo_label_accuracy"]
         inside = ["-" if v is None else "yes" if low <= v <= high else "no" for v in (truth, exported)]
-        lines.append(f"| {r['set']} | {r['labels']} | {r['seed']} | {r['method']} | {r['held_out_images']:.0f} | "
+        lines.append(f"| {r['set']} | {r['labels']} | {r['seed']} | {r['method']} | {r['held_out_images']:.0f} "
+                     f"({r.get('estimate_from', 'queue')}) | "
                      f"{100 * r['estimate']:.1f} [{100 * low:.1f}, {100 * high:.1f}] | "
                      f"{'-' if truth is None else f'{100 * truth:.1f}'} | {inside[0]} | {100 * exported:.1f} | "
                      f"{inside[1]} |")

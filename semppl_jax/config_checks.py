@@ -120,6 +120,8 @@ def _training(t: Any, d: Any, num_devices: int, num_processes: int, num_train: i
     if d.labelled_per_batch is not None:
         _require(0 < d.labelled_per_batch <= t.batch_size, "dataset.labelled_per_batch",
                  f"must be in (0, batch_size={t.batch_size}], got {d.labelled_per_batch}")
+    _require(d.calibration_per_class >= 0, "dataset.calibration_per_class",
+             f"must be 0 (no fold) or more, got {d.calibration_per_class}")
     if num_train is not None:
         _require(t.batch_size <= num_train, "training.batch_size",
                  f"{t.batch_size} is larger than the {num_train} training images")

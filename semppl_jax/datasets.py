@@ -94,3 +94,12 @@ def config_labelled_mask(config: Any, source: Source) -> np.ndarray:
     """``label_subsets.labelled_mask`` with the config's subset fields."""
     d = config.dataset
     return label_subsets.labelled_mask(source, d.label_subset, d.label_seed, d.subset_cache_dir, d.fetch_subsets)
+
+
+def pretraining_masks(config: Any, source: Source) -> tuple[np.ndarray, np.ndarray]:
+    """(the labelled images whose labels enter the loss, the calibration fold held back);
+    together they are ``config_labelled_mask``."""
+    labelled = config_labelled_mask(config, source)
+    fold = label_subsets.calibration_fold(source.labels, labelled, config.dataset.calibration_per_class,
+                                          config.dataset.label_seed, source.class_names)
+    return labelled & ~fold, fold

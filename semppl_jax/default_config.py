@@ -41,6 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
         # None: every image once an epoch (the paper's default). An int: that many
         # labelled images in every global batch, class-stratified (PAWS-style).
         labelled_per_batch=ml_collections.FieldReference(None, field_type=int),
+        # Labelled images a class held back from pretraining as a calibration fold: voted
+        # like the unlabelled images and never in the loss, they measure the pseudo-labels'
+        # accuracy without the bias of labels that shaped the embedding (the logged
+        # estimate and its interval). Evaluation and export still use their labels. 0: off.
+        calibration_per_class=0,
         synthetic_size=512,  # images in the 'synthetic' dataset
         synthetic_image_size=40,
         shuffle_buffer=10_000,

@@ -92,13 +92,20 @@ def center_crop(image: tf.Tensor, out_size: int, resize: int) -> tf.Tensor:
     return _crop_and_resize(image, offset, tf.stack([crop, crop]), out_size)
 
 
-def _with_labels(ds: tf.data.Dataset, labelled: np.ndarray) -> tf.data.Dataset:
-    """Adds ``is_labelled`` and ``label`` (-1 unless labelled) from the subset mask."""
+def _with_labels(ds: tf.data.Dataset, labelled: np.ndarray, calibration: np.ndarray | None = None
+                 ) -> tf.data.Dataset:
+    """Adds ``is_labelled`` and ``label`` (-1 unless labelled) from the subset mask. With a
+    ``calibration`` fold, the monitors' ``true_label`` is kept for it (and the labelled
+    images) alone: what the hidden-label monitors score is then the fold."""
     mask = tf.constant(labelled.astype(bool))
+    fold = None if calibration is None else tf.constant(calibration.astype(bool))
 
     def add(ex):
         is_labelled = tf.gather(mask, ex["image_id"])
-        return dict(ex, is_labelled=is_labelled,
+        true_label = ex["true_label"]
+        if fold is not None:
+            true_label = tf.where(is_labelled | tf.gather(fold, ex["image_id"]), true_label, -1)
+        return dict(ex, is_labelled=is_labelled, true_label=true_label,
                     label=tf.where(is_labelled, ex["true_label"], tf.constant(-1, tf.int32)))
 
     return ds.map(add, num_parallel_calls=tf.data.AUTOTUNE)
@@ -106,9 +113,10 @@ def _with_labels(ds: tf.data.Dataset, labelled: np.ndarray) -> tf.data.Dataset:
 
 def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch: int, seed: int,
                   process_index: int = 0, process_count: int = 1, start_step: int = 0,
-                  only_labelled: bool = False) -> tf.data.Dataset:
+                  only_labelled: bool = False, calibration: np.ndarray | None = None) -> tf.data.Dataset:
     """Batches of ``{large [b,L,H,W,3], small [b,S,h,w,3], label, is_labelled,
-    image_id, true_label}`` for this process, starting at ``start_step``.
+    image_id, true_label}`` for this process, starting at ``start_step``; ``calibration``:
+    the fold of labelled images treated as unlabelled (``_with_labels``).
 
     ``only_labelled`` keeps the labelled images alone (fine-tuning, baselines); from a
     sequential source, the labelled part of the share is read once and kept in memory
@@ -135,7 +143,7 @@ def train_dataset(source: Source, labelled: np.ndarray, config: Any, local_batch
     else:
         ds = _fixed_labelled_mix(source, ids, labelled, n_lab, local_batch, process_count, seed, buffer,
                                  start_step)
-    ds = _with_labels(ds, labelled)
+    ds = _with_labels(ds, labelled, calibration)
     views = config.views
     encoded = source.encoded
 

@@ -182,5 +182,23 @@ def labelled_mask(source, spec: str, seed: int, cache_dir: str | None = None, fe
     return mask
 
 
+def calibration_fold(labels: np.ndarray, labelled: np.ndarray, per_class: int, seed: int,
+                     class_names: Sequence[str] | None = None) -> np.ndarray:
+    """``per_class`` labelled images of each class (seeded), as a mask: held back from the
+    loss to measure the pseudo-labels. Every class keeps at least one labelled image."""
+    fold = np.zeros(len(labels), bool)
+    if per_class <= 0:
+        return fold
+    rng = np.random.default_rng([seed, 0xCA1])  # a stream of its own: the subset's draws stay as they were
+    for c in np.unique(labels[labelled]):
+        idx = np.flatnonzero(labelled & (labels == c))
+        if len(idx) <= per_class:
+            name = repr(class_names[c]) if class_names else int(c)
+            raise DataError(f"dataset.calibration_per_class={per_class}: class {name} has {len(idx)} labelled "
+                            f"images, and at least one must stay in the loss; lower it (or label more)")
+        fold[rng.choice(idx, per_class, replace=False)] = True
+    return fold
+
+
 def class_counts(labels: Sequence[int], num_classes: int) -> np.ndarray:
     return np.bincount(np.asarray(labels), minlength=num_classes)

@@ -80,6 +80,9 @@ HIDDEN_LABEL_METRICS = {"hidden_labels": ("pseudo_label_accuracy", "probe_accura
                         "sure_hidden_labels": ("sure_pseudo_label_accuracy",)}
 
 
+SUMMED_ELSEWHERE = ("loo_per_class", "hidden_labels_right")  # per-step sums other actions keep
+
+
 @dataclasses.dataclass
 class GatherScalars:
     """On log steps: the step's metrics to the host, refusing a non-finite state."""
@@ -90,7 +93,7 @@ class GatherScalars:
     def __call__(self, r: Report) -> None:
         if not self.cadence.log_due(r.step):
             return
-        scalars = {k: v for k, v in r.metrics.items() if k != "loo_per_class"}  # arrays go elsewhere
+        scalars = {k: v for k, v in r.metrics.items() if k not in SUMMED_ELSEWHERE}
         r.scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
         if not r.scalars.pop("finite"):
             raise FloatingPointError(f"non-finite state or loss at step {r.step} (not saved): {r.scalars}")
@@ -133,6 +136,50 @@ class PerClassLeaveOwnOut:
             r.scalars["loo_knn_accuracy_worst_class"] = float(np.min(hits[voted] / votes[voted]))
         if self.writer:
             self.writer.write_arrays(r.step, loo_knn_correct=hits, loo_knn_voted=votes)
+
+
+@dataclasses.dataclass
+class CalibrationFold:
+    """The pseudo-labels' accuracy on the calibration fold (labelled images kept out of the
+    loss and voted like the unlabelled ones: ``dataset.calibration_per_class``) over about
+    the last epoch, with a Wilson interval over the fold's images voted, logged as the
+    estimate in place of the queue's (which labels that shaped the embedding bias).
+    Summed on device every step (no host sync); read on log steps."""
+
+    fold_size: int
+    steps_per_epoch: int
+    z: float = 1.96
+    sums: Any = None  # [right, voted] since the last log step, on device
+    steps: int = 0
+    window: list = dataclasses.field(default_factory=list)  # (steps, right, voted) a log interval
+
+    def __call__(self, r: Report) -> None:
+        step_sums = jax.numpy.stack([r.metrics["hidden_labels_right"], r.metrics["hidden_labels"]])
+        self.sums = step_sums if self.sums is None else self.sums + step_sums
+        self.steps += 1
+        if r.scalars is None:
+            return
+        right, voted = (float(x) for x in jax.device_get(self.sums))
+        self.window.append((self.steps, right, voted))
+        self.sums, self.steps = None, 0
+        while len(self.window) > 1 and sum(w[0] for w in self.window[1:]) >= self.steps_per_epoch:
+            self.window.pop(0)  # the rest still spans an epoch
+        r.scalars.update(calibration_estimate(sum(w[1] for w in self.window), sum(w[2] for w in self.window),
+                                              self.fold_size, self.z))
+
+
+def calibration_estimate(right: float, voted: float, fold_size: int, z: float = 1.96) -> dict[str, float]:
+    """The estimate from ``right`` of ``voted`` fold images (each counted once: at most
+    ``fold_size`` distinct), with its Wilson interval at ``z``."""
+    from semppl_jax.vote_gate import wilson
+
+    images = min(voted, fold_size)
+    if not voted:
+        return dict(calibration_images=0.0)
+    p = right / voted
+    low, high = (float(x) for x in wilson(p, images, z))
+    return dict(calibration_images=images, pseudo_label_accuracy_estimate=p, pseudo_label_accuracy_low=low,
+                pseudo_label_accuracy_high=high)
 
 
 @dataclasses.dataclass

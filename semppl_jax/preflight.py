@@ -139,10 +139,11 @@ def _labels(config: Any, train: Any) -> str:
             path = label_subsets.resolve_subset_file(d.label_subset, d.subset_cache_dir, d.fetch_subsets)
             return f"{d.label_subset}: {len(label_subsets.read_subset_list(path))} names in {path}"
         return f"label_subset {d.label_subset}: chosen when the split is indexed"
-    mask = datasets.config_labelled_mask(config, train)
-    if not mask.any():
+    labelled, fold = datasets.pretraining_masks(config, train)  # a fold too large is named here
+    if not (labelled | fold).any():
         raise ValueError(f"dataset.label_subset={d.label_subset!r} labels no training image")
-    return f"{d.label_subset}: {int(mask.sum())} labelled images of {train.num_ids}"
+    held = f", {int(fold.sum())} of them in the calibration fold" if fold.any() else ""
+    return f"{d.label_subset}: {int((labelled | fold).sum())} labelled images of {train.num_ids}{held}"
 
 
 def _one_record(source: Any) -> str:

@@ -56,14 +56,14 @@ def _data(config: Any, root: Any, num_devices: int, num_processes: int):
     source = datasets.load_split(config, config.dataset.train_split, str(root / "data_index"))
     config_checks.resolve_batch(config, num_devices, source.num_examples)
     config_checks.validate(config, num_devices, num_processes, source.num_examples, source.num_classes)
-    labelled = datasets.config_labelled_mask(config, source)
+    labelled, fold = datasets.pretraining_masks(config, source)
     t = config.training
     steps_per_epoch = max(1, source.num_examples // t.batch_size)
     total_steps = t.num_steps or int(math.ceil(t.num_epochs * steps_per_epoch))
-    logging.info("train set: %d images (%d unreadable, left out), %d classes, %d labelled (%.2f%%); %d steps "
-                 "(%d per epoch)", source.num_examples, source.num_unreadable,
-                 source.num_classes, labelled.sum(), 100 * labelled.mean(), total_steps, steps_per_epoch)
-    return source, labelled, steps_per_epoch, total_steps
+    logging.info("train set: %d images (%d unreadable, left out), %d classes, %d labelled (%.2f%%), %d more in "
+                 "the calibration fold; %d steps (%d per epoch)", source.num_examples, source.num_unreadable,
+                 source.num_classes, labelled.sum(), 100 * labelled.mean(), fold.sum(), total_steps, steps_per_epoch)
+    return source, (labelled, fold), steps_per_epoch, total_steps
 
 
 def _open_checkpointer(config: Any, root: Any, meta: dict, allow_config_change: bool, closing):
@@ -92,7 +92,7 @@ def _compile(step_fn, state, batch, config: Any):
     return compiled
 
 
-def _actions(config: Any, root: Any, source: Any, labelled: Any, mesh: Any, ckpt: Any, meta: dict,
+def _actions(config: Any, root: Any, source: Any, masks: Any, mesh: Any, ckpt: Any, meta: dict,
              steps: tuple[int, int, int, int], closing) -> tuple[list[pa.Action], pa.GatherScalars]:
     """The periodic actions, in the order they see each step (``periodic_actions.py``)."""
     t = config.training
@@ -105,8 +105,11 @@ def _actions(config: Any, root: Any, source: Any, labelled: Any, mesh: Any, ckpt
     class_writer = closing.enter_context(contextlib.closing(
         MetricWriter(root, "per_class.jsonl", False, start_step))) if is_main else None
     actions: list[pa.Action] = [gathered]
-    if t.eval_every_steps:
-        actions.append(pa.OnlineKnnEval(cadence, evaluation.OnlineKnn(config, source, labelled, mesh,
+    labelled, fold = masks
+    if fold.any():
+        actions.append(pa.CalibrationFold(int(fold.sum()), steps_per_epoch))
+    if t.eval_every_steps:  # the fold's labels may serve the k-NN's support: evaluation, not the loss
+        actions.append(pa.OnlineKnnEval(cadence, evaluation.OnlineKnn(config, source, labelled | fold, mesh,
                                                                       str(root / "data_index"))))
     actions += [
         pa.PerClassLeaveOwnOut(class_writer),
@@ -132,7 +135,7 @@ def setup(config: Any, workdir: str, stop_after: int | None = None,
     config_checks.validate(config, num_devices, num_processes)
     t = config.training
     root = workdir_path(workdir)
-    source, labelled, steps_per_epoch, total_steps = _data(config, root, num_devices, num_processes)
+    source, masks, steps_per_epoch, total_steps = _data(config, root, num_devices, num_processes)
 
     closing = contextlib.ExitStack()
     with contextlib.ExitStack() as on_error:
@@ -162,14 +165,16 @@ def setup(config: Any, workdir: str, stop_after: int | None = None,
         transposed = config.views.transpose_images
         step_fn = sharding.shard_step(
             update_step.make_update_step(config, source.num_classes, total_steps, steps_per_epoch), mesh, transposed)
+        labelled, fold = masks
         local = input_pipeline.train_dataset(source, labelled, config, t.batch_size // num_processes, config.seed,
-                                             jax.process_index(), num_processes, start_step).as_numpy_iterator()
+                                             jax.process_index(), num_processes, start_step,
+                                             calibration=fold if fold.any() else None).as_numpy_iterator()
         batches = (sharding.shard_batch(b, mesh, transposed) for b in local)
         first = next(batches)
         compiled = _compile(step_fn, state, first, config)
 
         steps = (start_step, end_step, total_steps, steps_per_epoch)
-        actions, gathered = _actions(config, root, source, labelled, mesh, ckpt, meta, steps, closing)
+        actions, gathered = _actions(config, root, source, masks, mesh, ckpt, meta, steps, closing)
         on_error.pop_all()
     return Run(state, start_step, end_step, total_steps, compiled, itertools.chain([first], batches), actions,
                closing, gathered, summary_path)

@@ -299,6 +299,7 @@ def _monitors(aux: dict, inputs: StepInputs, true_label: jax.Array, votes: pl_qu
         # How many unlabelled images had a hidden label to score against (0 on own data): the
         # launcher logs no hidden-label accuracy where there is none to compute.
         hidden_labels=jax.lax.psum(jnp.sum(unlabelled).astype(jnp.float32), AXIS),
+        hidden_labels_right=jax.lax.psum(jnp.sum(correct_pl).astype(jnp.float32), AXIS),  # summed by the launcher
         sure_hidden_labels=jax.lax.psum(jnp.sum(unlabelled & sure).astype(jnp.float32), AXIS),
         labelled_fraction=ratio(jnp.sum(inputs.is_labelled), jnp.asarray(pseudo.shape[0])),
         loo_knn_accuracy=ratio(jnp.sum((pseudo == inputs.label) & inputs.is_labelled), jnp.sum(inputs.is_labelled)),

@@ -43,7 +43,8 @@ def test_a_small_grey_folder_gets_small_views_no_colour_and_a_full_schedule(tmp_
     config_checks.resolve_batch(config, num_devices=1, num_train=12)
     assert config.training.batch_size == 1  # an eighth of 12 images
     config_checks.validate(config, num_devices=1, num_train=12, num_classes=2)
-    for reason in ("views:", "augmentation:", "network:", "schedule:", "queue:"):
+    assert config.dataset.calibration_per_class == 1  # the class with 2 labelled images keeps one in the loss
+    for reason in ("views:", "augmentation:", "network:", "schedule:", "queue:", "calibration fold: 1 labelled"):
         assert f"[folder.py]   {reason}" in printed
 
 
@@ -65,13 +66,15 @@ def test_colour_is_read_from_the_images_and_upright_drops_flips(tmp_path, capsys
 ])
 def test_views_network_and_schedule_follow_the_folder_size(images, side, size, depth, pool):
     config = default_config.base_config()
-    figures = folder_preset.Figures(images, labelled=images // 100, classes=10, side=side, grey=False)
+    figures = folder_preset.Figures(images, labelled=images // 100, classes=10, side=side, grey=False,
+                                    fewest_labelled=images // 1000)
     lines = folder_preset.choose(config, figures, grey=False, upright=False)
+    assert config.dataset.calibration_per_class == max(1, round(images // 1000 / 10))  # a tenth, at least one
     assert config.views.large_size == size and config.views.small_size == size // 2
     assert (config.model.depth, config.model.stem_max_pool) == (depth, pool)
     assert config.training.num_epochs == max(30, math.ceil(folder_preset.IMAGES_SEEN / images))
     assert config.semppl.queue_size == max(64, 4 * (images // 100))
-    assert len(lines) == 5
+    assert len(lines) == 6
     config_checks.resolve_batch(config, num_devices=8, num_train=images)
     config_checks.validate(config, num_devices=8, num_train=images, num_classes=10)
 
