@@ -15,6 +15,7 @@ base config's.
 from __future__ import annotations
 
 from semppl_jax import default_config, folder_preset
+from semppl_jax.image_folder import NAME_PREFIX
 
 OPTIONS = ("grey", "upright")
 
@@ -27,7 +28,7 @@ def get_config(arg: str | None = None):
     if unknown:
         raise ValueError(f"folder.py: unknown options {sorted(unknown)}; the options are {' and '.join(OPTIONS)}")
     c = default_config.base_config()
-    c.dataset.update(dict(name=f"{folder_preset.PREFIX}{root.rstrip('/')}", label_subset="1.0"))
+    c.dataset.update(dict(name=f"{NAME_PREFIX}{root.rstrip('/')}", label_subset="1.0"))
     folder_preset.mark(c, grey="grey" in options, upright="upright" in options)
     c.training.update(dict(log_every_steps=50, checkpoint_every_steps=500, eval_every_steps=500))
     # The digits' measured recipe for a small network and a short schedule (mnist5k.py).

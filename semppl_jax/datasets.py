@@ -34,8 +34,8 @@ def load_source(name: str, split: str, data_dir: str | None = None, synthetic_si
     if name == "mnist5k":
         images, image_labels = sources.mnist5k_arrays(split)
         return sources.array_source(images, image_labels, 10, "mnist5k", split)
-    if name.startswith("folder:"):
-        return image_folder.folder_source(name[len("folder:"):], split, labels_file, cache_dir)
+    if name.startswith(image_folder.NAME_PREFIX):
+        return image_folder.folder_source(name[len(image_folder.NAME_PREFIX):], split, labels_file, cache_dir)
     if labels_file:
         raise DataError(f"dataset.labels_file labels an image folder; {name!r} is not one")
     return sources.tfds_source(name, split, data_dir)
@@ -44,8 +44,8 @@ def load_source(name: str, split: str, data_dir: str | None = None, synthetic_si
 def load_unlabelled(name: str, split: str, data_dir: str | None = None, cache_dir: str | None = None) -> Source:
     """``dataset.unlabelled``: every image under ``folder:/path`` (any nesting), or a TFDS
     dataset's ``split``; labels, if any, are dropped."""
-    if name.startswith("folder:"):
-        return image_folder.folder_source(name[len("folder:"):], None, cache_dir=cache_dir)
+    if name.startswith(image_folder.NAME_PREFIX):
+        return image_folder.folder_source(name[len(image_folder.NAME_PREFIX):], None, cache_dir=cache_dir)
     return sources.without_labels(sources.tfds_source(name, split, data_dir))
 
 
@@ -66,11 +66,11 @@ def load_split(config: Any, split: str, index_dir: str | None = None, labels_nee
     d = config.dataset
     source = load_source(d.name, split, d.data_dir, d.synthetic_size, d.synthetic_image_size, config.seed,
                          d.labels_file, index_dir)
-    validate = d.validate_images if d.validate_images is not None else d.name.startswith("folder:")
+    validate = d.validate_images if d.validate_images is not None else d.name.startswith(image_folder.NAME_PREFIX)
     if d.unlabelled and split == d.train_split:
         extra = load_unlabelled(d.unlabelled, d.unlabelled_split, d.data_dir, index_dir)
         source = sources.concat_sources(source, extra)
-        validate = validate or d.unlabelled.startswith("folder:")
+        validate = validate or d.unlabelled.startswith(image_folder.NAME_PREFIX)
     if classes is not None and source.class_names and tuple(source.class_names) != tuple(classes):
         source = align_classes(source, tuple(classes))
     return split_index.index_source(source, validate, index_dir, labels_needed, min_side=min_side(config))

@@ -39,7 +39,6 @@ from absl import logging
 SAMPLE = 64  # images read to find the typical size and whether the folder is grey
 IMAGES_SEEN = 400_000  # a small folder is seen this many times over (100 epochs of 4,000 images)
 CALIBRATION_FRACTION = 0.1  # of each class's labelled images (at least 1), kept out of the loss
-PREFIX = "folder:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +69,13 @@ def resolve(config: Any, index_dir: str | None, overrides: dict[str, Any] | None
         return config
     import jax
 
-    root = config.dataset.name[len(PREFIX):]
+    from semppl_jax.image_folder import NAME_PREFIX
+
+    root = config.dataset.name[len(NAME_PREFIX):]
     figures = read_figures(root, index_dir)
     p = config.folder_preset
     lines = choose(config, figures, p.grey or figures.grey, p.upright)
-    apply_overrides(config, overrides or {})
+    config.update_from_flattened_dict(overrides or {})  # as parsed from --config.a.b=v
     p.resolved = True
     if jax.process_index() == 0:
         print(f"[folder.py] {root}: {figures.images} training images, {figures.labelled} labelled in "
@@ -157,13 +158,3 @@ def _network(c: Any, images: int, size: int) -> str:
         c.model.stem_max_pool = False
         net += ", no max pool after the stem"
     return net
-
-
-def apply_overrides(config: Any, overrides: dict[str, Any]) -> None:
-    """``{"a.b": v}`` set on ``config`` (the launcher's ``--config.a.b=v``, parsed)."""
-    for key, value in overrides.items():
-        *path, field = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[field] = value

@@ -28,6 +28,7 @@ from semppl_jax.sources import RandomAccessSource
 
 # What ``tf.io.decode_image`` reads: JPEG, PNG, GIF, BMP, WebP and JPEG XL.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".jxl")
+NAME_PREFIX = "folder:"  # dataset.name of an image folder: folder:/path/to/root
 FOLDER_ORDER_SEED = 20230501  # ids of a folder: a fixed permutation of its sorted listing
 UNLABELLED_DIR = "unlabelled"  # in an image folder's split: images without a class
 NAMED = 5  # files or rows named in a message, before "and N more"
@@ -73,9 +74,9 @@ def folder_source(root: str, split: str | None, labels_file: str | None = None,
         return dict(image_ref=paths[ids], true_label=labels_arr[ids], image_id=ids.astype(np.int32),
                     file_name=rel_names[ids])
 
-    identity = dict(name=f"folder:{root}", split=split, n=len(paths), listing=listing_key, classes=classes,
+    identity = dict(name=f"{NAME_PREFIX}{root}", split=split, n=len(paths), listing=listing_key, classes=classes,
                     labels_file=labels_file or None)
-    return RandomAccessSource(name=f"folder:{root}", split=split or "", num_ids=len(paths),
+    return RandomAccessSource(name=f"{NAME_PREFIX}{root}", split=split or "", num_ids=len(paths),
                               num_classes=max(len(classes), 1), encoded=True, identity=identity, kind="folder",
                               class_names=tuple(classes), labels=labels_arr, file_names=rel_names, table=table,
                               load=_read_file)
@@ -132,7 +133,7 @@ def _by_class_directory(top: str, listing: list[str], images: list[str]
 def _explain_empty(root: str, split: str | None) -> None:
     """Raises the error for a folder (or split) with no file at all, naming what exists."""
     if not tf.io.gfile.isdir(root):
-        raise MissingDataError(f"dataset.name='folder:{root}': no such directory {root!r}")
+        raise MissingDataError(f"dataset.name='{NAME_PREFIX}{root}': no such directory {root!r}")
     if split is not None:
         splits = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root))
         raise DataError(f"image folder {root!r} has splits {splits}, not {split!r} "
