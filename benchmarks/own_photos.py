@@ -199,7 +199,9 @@ def pretrain_and_score(layout: str, workdir: str, seed: int, method: str, overri
         with open(os.path.join(layout, "hidden.json")) as f:
             classes = json.load(f)
         accuracy = float(np.mean([classes[r["file_name"]] == r["class_name"] for r in rows]))
-    result = dict(knn_top1=knn["top1"], pseudo_label_accuracy=accuracy, exported=len(rows))
+    result = dict(knn_top1=knn["top1"], pseudo_label_accuracy=accuracy, exported=len(rows),
+                  **{f"export_{k}": summary[k] for k in ("accuracy_estimate", "accuracy_low", "accuracy_high")
+                     if k in summary})
     with open(os.path.join(pretrain, "config.json")) as f:
         if json.load(f)["dataset"]["name"] != config.dataset.name:  # a shared alpha = 0 encoder: its logs are
             return result                                            # another layout's
@@ -294,18 +296,23 @@ def report(results: list[dict]) -> str:
 def estimate_report(results: list[dict]) -> str:
     """A row per pretraining run: the logged estimate and interval against the hidden-label accuracy."""
     lines = ["| set | labels | seed | method | images voted (from) | estimate [95% interval] | hidden-label accuracy "
-             "(last 3 logs) | inside | exported pseudo-labels | inside |", "|" + " --- |" * 10]
+             "(last 3 logs) | inside | exported pseudo-labels | inside | the export's estimate | inside |",
+             "|" + " --- |" * 12]
     for r in results:
         if r.get("estimate") is None:
             continue
         low, high = r["estimate_low"], r["estimate_high"]
         truth, exported = r.get("training_pseudo_label_accuracy"), r["pseudo_label_accuracy"]
         inside = ["-" if v is None else "yes" if low <= v <= high else "no" for v in (truth, exported)]
+        export = ("-", "-") if r.get("export_accuracy_estimate") is None else (
+            f"{100 * r['export_accuracy_estimate']:.1f} [{100 * r['export_accuracy_low']:.1f}, "
+            f"{100 * r['export_accuracy_high']:.1f}]",
+            "yes" if r["export_accuracy_low"] <= exported <= r["export_accuracy_high"] else "no")
         lines.append(f"| {r['set']} | {r['labels']} | {r['seed']} | {r['method']} | {r['held_out_images']:.0f} "
                      f"({r.get('estimate_from', 'queue')}) | "
                      f"{100 * r['estimate']:.1f} [{100 * low:.1f}, {100 * high:.1f}] | "
                      f"{'-' if truth is None else f'{100 * truth:.1f}'} | {inside[0]} | {100 * exported:.1f} | "
-                     f"{inside[1]} |")
+                     f"{inside[1]} | {export[0]} | {export[1]} |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,10 @@ k-NN, ``eval.knn_k``, ``eval.knn_temperature``, centre crops). Written to the wo
 - ``pseudo_labels_by_class.csv``: per class, how many images, mean share and margin
   (and accuracy where hidden labels exist);
 - ``pseudo_labels_summary.json``; where the unlabelled images have hidden labels (the
-  demo), accuracy by confidence bucket and ``pseudo_labels_reliability.png``.
+  demo), accuracy by confidence bucket and ``pseudo_labels_reliability.png``; where the
+  run kept a calibration fold (``dataset.calibration_per_class``), the label-free
+  estimate of these pseudo-labels' accuracy: the fold voted the same way by the other
+  labelled images, with a Wilson 95% interval over the fold.
 
 Each process embeds and votes its own part; process 0 merges the parts into one file
 holding every image once.
@@ -100,7 +103,8 @@ def write_pseudo_labels(config: Any, workdir: str) -> dict:
     root = workdir_path(workdir)
     index_dir = str(root / "data_index")
     source = datasets.load_split(config, config.dataset.train_split, index_dir)
-    labelled = datasets.config_labelled_mask(config, source)
+    in_loss, fold = datasets.pretraining_masks(config, source)  # the same on every process: collectives agree
+    labelled = in_loss | fold
     unlabelled = source.valid_ids()[~labelled[source.valid_ids()]]
     if not len(unlabelled):
         raise ValueError("every training image is labelled: there is nothing to pseudo-label")
@@ -112,8 +116,10 @@ def write_pseudo_labels(config: Any, workdir: str) -> dict:
     params, net_state = net.init(jax.random.key(0), jax.numpy.zeros((2, size, size, 3)), True)
     params, net_state = sharding.replicate(
         evaluation.transplant(params, net_state, pretrained.params, pretrained.state), mesh)
-    support_emb, support_y = evaluation.embed(net, params, net_state, source, config, mesh,
-                                              ids=np.flatnonzero(labelled))
+    support = [evaluation.embed(net, params, net_state, source, config, mesh, ids=np.flatnonzero(part))
+               for part in (in_loss, fold) if part.any()]
+    support_emb, support_y = (np.concatenate(parts) for parts in zip(*support))
+    estimate = fold_estimate(support[0], support[1], source.num_classes, config) if fold.any() else {}
     emb, ids = evaluation.embed_local(net, params, net_state, source, config, mesh, unlabelled)
     scores = evaluation.knn_classify(support_emb, support_y, emb, source.num_classes, config.eval.knn_k,
                                      config.eval.knn_temperature)
@@ -128,13 +134,30 @@ def write_pseudo_labels(config: Any, workdir: str) -> dict:
     multihost_utils.sync_global_devices("semppl_pseudo_label_parts")
     summary: dict = {}
     if jax.process_index() == 0:
-        summary = _merge(parts, root, source, pretrained, checkpoint, len(unlabelled))
+        summary = _merge(parts, root, source, pretrained, checkpoint, len(unlabelled), estimate)
     multihost_utils.sync_global_devices("semppl_pseudo_label_done")
     return summary
 
 
+def fold_estimate(in_loss: tuple[np.ndarray, np.ndarray], fold: tuple[np.ndarray, np.ndarray], num_classes: int,
+                  config: Any, z: float = 1.96) -> dict:
+    """The calibration fold's (embeddings, labels) voted over the other labelled images'
+    as the export votes: the share right estimates the exported pseudo-labels' accuracy
+    without their labels (slightly low: the export's support also holds the fold), and
+    the Wilson interval over the fold says how sure that is."""
+    import jax.numpy as jnp
+
+    from semppl_jax import evaluation, vote_gate
+
+    scores = evaluation.knn_classify(in_loss[0], in_loss[1], fold[0], num_classes, config.eval.knn_k,
+                                     config.eval.knn_temperature)
+    right, images = float(np.mean(np.argmax(scores, 1) == fold[1])), len(fold[1])
+    low, high = (float(v) for v in vote_gate.wilson(jnp.asarray(right), jnp.asarray(float(images)), z))
+    return dict(calibration_images=images, accuracy_estimate=right, accuracy_low=low, accuracy_high=high)
+
+
 def _merge(parts: epath.Path, root: epath.Path, source: Any, pretrained: Any, checkpoint: str,
-           expected: int) -> dict:
+           expected: int, estimate: dict) -> dict:
     rows = [json.loads(line) for p in sorted(parts.glob("part-*.jsonl")) for line in p.read_text().splitlines()
             if line.strip()]
     ids = [r["image_id"] for r in rows]
@@ -166,14 +189,17 @@ def _merge(parts: epath.Path, root: epath.Path, source: Any, pretrained: Any, ch
     (root / "pseudo_labels_by_class.csv").write_text(out.getvalue())
     summary = dict(images=len(rows), checkpoint=checkpoint, step=pretrained.step,
                    mean_vote_share=float(share.mean()), mean_margin=float(margin.mean()),
-                   classes_without_images=int(sum(c["images"] == 0 for c in classes)))
+                   classes_without_images=int(sum(c["images"] == 0 for c in classes)), **estimate)
     if correct is not None:
         table = reliability(share, correct)
         summary.update(accuracy=float(correct.mean()), reliability=table)
         plot_reliability(table, root / "pseudo_labels_reliability.png")
     write_json_atomic(root / "pseudo_labels_summary.json", summary)
     parts.rmtree()
-    logging.info("pseudo-labels of %d images written to %s%s", len(rows), root / "pseudo_labels.csv",
-                 f" (accuracy against hidden labels {summary['accuracy']:.4f})" if correct is not None else "")
+    logging.info("pseudo-labels of %d images written to %s%s%s", len(rows), root / "pseudo_labels.csv",
+                 f" (accuracy against hidden labels {summary['accuracy']:.4f})" if correct is not None else "",
+                 f"; estimated from {estimate['calibration_images']} calibration images: "
+                 f"{estimate['accuracy_estimate']:.1%} right (95%: {estimate['accuracy_low']:.1%}-"
+                 f"{estimate['accuracy_high']:.1%})" if estimate else "")
     print(json.dumps({k: v for k, v in summary.items() if k != "reliability"}))
     return summary

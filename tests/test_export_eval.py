@@ -156,14 +156,16 @@ def test_every_test_example_counted_once_on_eight_devices():
 
 
 def test_pseudo_labels_cover_every_unlabelled_image_once_least_confident_first(tmp_path):
-    """From a pretrained workdir: one row per unlabelled image (never a labelled one), sorted
-    by vote share; the label is the k-NN evaluation's vote; accuracy by bucket where the
-    hidden labels exist, with its plot."""
+    """From a pretrained workdir: one row per unlabelled image (never a labelled one, the
+    calibration fold's included), sorted by vote share; the label is the k-NN evaluation's
+    vote; accuracy by bucket where the hidden labels exist, with its plot; the fold voted by
+    the other labelled images, its Wilson interval by formula."""
     from semppl_jax import jobs, pseudo_labels
     from semppl_jax.metric_writers import read_jsonl
 
     config = tiny.get_config()
     config.training.num_steps = 2
+    config.dataset.calibration_per_class = 1
     workdir = str(tmp_path / "run")
     jobs.train(config, workdir)
     summary = pseudo_labels.write_pseudo_labels(config, workdir)
@@ -184,12 +186,25 @@ def test_pseudo_labels_cover_every_unlabelled_image_once_least_confident_first(t
     params, state = net.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3)), True)
     mesh = sharding.make_mesh()
     params, state = sharding.replicate(evaluation.transplant(params, state, pre.params, pre.state), mesh)
-    sup, sup_y = evaluation.embed(net, params, state, source, config, mesh, ids=np.flatnonzero(labelled))
+    in_loss, fold = datasets.pretraining_masks(config, source)
+    assert fold.sum() == 10 and np.array_equal(in_loss | fold, labelled)
+    rest, rest_y = evaluation.embed(net, params, state, source, config, mesh, ids=np.flatnonzero(in_loss))
+    held, held_y = evaluation.embed(net, params, state, source, config, mesh, ids=np.flatnonzero(fold))
+    sup, sup_y = np.concatenate([rest, held]), np.concatenate([rest_y, held_y])  # every labelled image
     some = np.array(sorted(r["image_id"] for r in rows[:5]))
     emb, _ = evaluation.embed(net, params, state, source, config, mesh, ids=some)
     want = np.argmax(evaluation.knn_classify(sup, sup_y, emb, 10, config.eval.knn_k, config.eval.knn_temperature), 1)
     got = {r["image_id"]: r["pseudo_label"] for r in rows}
     assert [got[i] for i in some] == want.tolist()
+
+    right = np.argmax(evaluation.knn_classify(rest, rest_y, held, 10, config.eval.knn_k,
+                                              config.eval.knn_temperature), 1) == held_y
+    p, n, z = right.mean(), 10, 1.96
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
+        1 + z * z / n)
+    assert summary["calibration_images"] == 10 and summary["accuracy_estimate"] == pytest.approx(p)
+    assert (summary["accuracy_low"], summary["accuracy_high"]) == pytest.approx(
+        (max(0.0, centre - half), min(1.0, centre + half)), abs=1e-6)
 
     by_class = open(f"{workdir}/pseudo_labels_by_class.csv").read().splitlines()
     assert by_class[0] == "label,class_name,images,mean_share,mean_margin,accuracy" and len(by_class) == 11

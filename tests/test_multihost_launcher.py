@@ -69,7 +69,8 @@ def test_sigterm_to_one_process_then_resume_export_and_knn_with_two_processes(tm
     workdir = tmp_path / "run"
     log_paths = [tmp_path / f"p{i}.log" for i in range(2)]
     logs = [open(p, "w") for p in log_paths]
-    args = TRAIN_ARGS + [f"--workdir={workdir}"]
+    fold = "--config.dataset.calibration_per_class=1"  # the calibration fold's monitors and estimate, 2 processes
+    args = TRAIN_ARGS + [fold, f"--workdir={workdir}"]
     procs = _launch(args, free_port(), logs)
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 400
@@ -110,8 +111,9 @@ def test_sigterm_to_one_process_then_resume_export_and_knn_with_two_processes(tm
     result = json.loads((knn_dir / "eval_results.json").read_text())
     assert result["step"] == saved + 5 and 0.0 <= result["top1"] <= 1.0 and result["num_examples"] == 64
 
-    # Pseudo-labels with 2 processes: one file, every unlabelled image once.
-    codes = _wait(_launch(["--config=experiments/tiny.py", f"--workdir={workdir}", "--mode=pseudo_label"],
+    # Pseudo-labels with 2 processes: one file, every unlabelled image once (not the fold's),
+    # and the fold's estimate.
+    codes = _wait(_launch(["--config=experiments/tiny.py", fold, f"--workdir={workdir}", "--mode=pseudo_label"],
                           free_port(), logs), 400)
     assert codes == [0, 0], _tail(log_paths)
     rows = read_jsonl(str(workdir / "pseudo_labels.jsonl"))
@@ -119,6 +121,11 @@ def test_sigterm_to_one_process_then_resume_export_and_knn_with_two_processes(tm
     labelled = datasets.config_labelled_mask(config, datasets.load_split(config, "train"))
     assert sorted(r["image_id"] for r in rows) == np.flatnonzero(~labelled).tolist()
     assert not (workdir / "pseudo_labels.parts").exists()
+    summary = json.loads((workdir / "pseudo_labels_summary.json").read_text())
+    assert summary["calibration_images"] == 10
+    assert summary["accuracy_low"] <= summary["accuracy_estimate"] <= summary["accuracy_high"]
+    logged = [r for r in read_jsonl(str(metrics)) if "calibration_images" in r]
+    assert logged and all(0 < r["calibration_images"] <= 10 for r in logged)
 
 
 def test_sigkill_during_saves_then_resume(tmp_path):

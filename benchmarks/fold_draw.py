@@ -1,0 +1,107 @@
+"""Is a calibration fold a typical draw of images? (runs of ``benchmarks/own_photos.py``)
+
+The fold's estimate is the accuracy of a few labelled images voted like unlabelled ones;
+its Wilson interval covers which images happened to be drawn. This scores, with a run's
+final encoder and the same weighted k-NN as the pseudo-label export (support: the labelled
+images outside the fold), the fold against the unlabelled images, whose classes the
+benchmark's layout keeps in ``hidden.json``, and ranks the fold's accuracy among
+class-balanced draws of as many unlabelled images: a fold drawn without bias ranks
+anywhere from 0 to 1 (uniformly over runs); a fold biased by its labels ranks high in
+every run.
+
+    python benchmarks/fold_draw.py --root=/tmp/own_photos --set=fashion --labels=0.1,4 --seeds=0,1,2 --tag=fold
+
+Prints one JSON line a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+DRAWS = 2000
+
+
+def final_embeddings(config, source, workdir: str) -> np.ndarray:
+    """The final encoder's centre-crop embedding of every training image, by image id."""
+    import jax
+
+    from semppl_jax import evaluation, sharding
+
+    pretrained = evaluation.load_pretrained(workdir, config)
+    mesh = sharding.make_mesh()
+    net = evaluation.make_classifier(config.model, source.num_classes, None)
+    size = config.views.eval_size
+    params, state = net.init(jax.random.key(0), jax.numpy.zeros((2, size, size, 3)), True)
+    params, state = sharding.replicate(evaluation.transplant(params, state, pretrained.params, pretrained.state),
+                                       mesh)
+    ids = source.valid_ids()
+    emb, _ = evaluation.embed(net, params, state, source, config, mesh, ids=ids)
+    out = np.zeros((len(source.labels), emb.shape[1]), np.float32)
+    out[ids] = emb
+    return out
+
+
+def rank_among_draws(right: np.ndarray, classes: np.ndarray, pool: np.ndarray, per_class: np.ndarray,
+                     observed: float, seed: int = 0) -> float:
+    """The share of class-balanced draws from ``pool`` (``per_class[c]`` images of class c)
+    whose accuracy is at most ``observed``."""
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(pool & (classes == c)) for c in range(len(per_class))]
+    accs = [np.mean(np.concatenate([right[rng.choice(m, k, replace=False)] for m, k in zip(members, per_class) if k]))
+            for _ in range(DRAWS)]
+    return float(np.mean(np.asarray(accs) <= observed + 1e-9))
+
+
+def score(root: str, name: str, labels_spec: str, seed: int, tag: str) -> dict:
+    from own_photos import _config
+
+    from semppl_jax import datasets, evaluation
+
+    layout = os.path.join(root, name, f"{labels_spec}_seed{seed}")
+    workdir = os.path.join(root, "runs" + (f"_{tag}" if tag else ""), f"{name}_{labels_spec}_seed{seed}_semppl",
+                           "pretrain")
+    config = _config(layout, seed, False)
+    source = datasets.load_split(config, config.dataset.train_split, os.path.join(workdir, "data_index"))
+    in_loss, fold = datasets.pretraining_masks(config, source)
+    if not fold.any():
+        raise ValueError(f"{workdir}: no calibration fold")
+    with open(os.path.join(layout, "hidden.json")) as f:
+        hidden = json.load(f)
+    index = {c: i for i, c in enumerate(source.class_names)}
+    classes = np.array([index[hidden[str(f)]] if str(f) in hidden else int(y)
+                        for f, y in zip(source.file_names, source.labels)])
+    emb = final_embeddings(config, source, workdir)
+    support = np.flatnonzero(in_loss)
+    scores = evaluation.knn_classify(emb[support], source.labels[support], emb, source.num_classes,
+                                     config.eval.knn_k, config.eval.knn_temperature)
+    right = scores.argmax(1) == classes
+    unlabelled = ~(in_loss | fold)
+    unlabelled[np.setdiff1d(np.arange(len(classes)), source.valid_ids())] = False
+    per_class = np.bincount(classes[fold], minlength=source.num_classes)
+    return dict(set=name, labels=labels_spec, seed=seed, fold_images=int(fold.sum()),
+                fold_knn_accuracy=float(right[fold].mean()), unlabelled_knn_accuracy=float(right[unlabelled].mean()),
+                fold_rank=rank_among_draws(right, classes, unlabelled, per_class, float(right[fold].mean()), seed))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--set", default="fashion")
+    parser.add_argument("--labels", default="0.1,4")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--tag", default="fold")
+    args = parser.parse_args()
+    for labels_spec in args.labels.split(","):
+        for seed in map(int, args.seeds.split(",")):
+            print(json.dumps(score(args.root, args.set, labels_spec, seed, args.tag)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
