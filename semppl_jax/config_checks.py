@@ -157,6 +157,11 @@ def _views(v: Any, a: Any, same_crop_pairs: bool) -> None:
     _require(v.num_small >= 0, "views.num_small", f"must be >= 0, got {v.num_small}")
     _require(v.num_large + v.num_small >= 2 or same_crop_pairs, "views.num_large",
              "need two views (or semppl.same_crop_pairs=True) to form a positive pair")
+    for name in ("large_size", "small_size", "eval_resize", "eval_size"):
+        _require(getattr(v, name) > 0, f"views.{name}", f"must be positive, got {getattr(v, name)}")
+    _require(v.eval_size <= v.eval_resize, "views.eval_size",
+             f"{v.eval_size} is larger than views.eval_resize={v.eval_resize}: the evaluation's centre crop "
+             "is eval_size/eval_resize of an image's shorter side, at most all of it (set both)")
     for name in ("large_scale", "small_scale", "aspect_ratio"):
         lo, hi = getattr(v, name)
         _require(0 < lo <= hi, f"views.{name}", f"need 0 < low <= high, got {(lo, hi)}")

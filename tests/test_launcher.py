@@ -33,6 +33,8 @@ METRIC_KEYS = {"step", "loss", "pseudo_label_accuracy", "semantic_positive_fract
     ("semppl.gate_samples", 0, "semppl.gate_samples: must be >= 1"),
     ("semppl.queue_size", 129, r"semppl.queue_size: 129 must be a multiple of views.num_large=2"),
     ("augment.blur_impl", "fft", r"augment.blur_impl: must be one of \['banded_matmul', 'conv'\]"),
+    ("views.eval_size", 96, r"views.eval_size: 96 is larger than views.eval_resize=36"),
+    ("views.small_size", 0, r"views.small_size: must be positive, got 0"),
 ])
 def test_bad_values_stop_at_start_naming_the_field(field, value, match):
     config = tiny.get_config()
