@@ -41,8 +41,7 @@ def final_embeddings(config, source, workdir: str) -> np.ndarray:
     params, state = net.init(jax.random.key(0), jax.numpy.zeros((2, size, size, 3)), True)
     params, state = sharding.replicate(evaluation.transplant(params, state, pretrained.params, pretrained.state),
                                        mesh)
-    ids = source.valid_ids()
-    emb, _ = evaluation.embed(net, params, state, source, config, mesh, ids=ids)
+    emb, ids = evaluation.embed_local(net, params, state, source, config, mesh, source.valid_ids())  # one process
     out = np.zeros((len(source.labels), emb.shape[1]), np.float32)
     out[ids] = emb
     return out
@@ -102,7 +101,8 @@ def main() -> None:
     parser.add_argument("--labels", default="0.1,4")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tag", default="fold")
-    parser.add_argument("--methods", default="semppl", help="semppl, alpha0 or both")
+    parser.add_argument("--methods", default="semppl", choices=["semppl", "alpha0", "semppl,alpha0"],
+                        help="whose final encoder scores the fold")
     args = parser.parse_args()
     for labels_spec in args.labels.split(","):
         for seed in map(int, args.seeds.split(",")):

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from semppl_jax.paths import workdir_path, write_json_atomic
+from semppl_jax.paths import read_json, workdir_path, write_json_atomic
 
 BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0001)  # vote-share buckets for the reliability table
 FIELDS = ("file_name", "image_id", "pseudo_label", "class_name", "vote_share", "margin", "hidden_label")
@@ -98,7 +98,7 @@ def write_pseudo_labels(config: Any, workdir: str) -> dict:
     import jax
     from jax.experimental import multihost_utils
 
-    from semppl_jax import datasets, evaluation, sharding
+    from semppl_jax import datasets, evaluation, multihost, sharding
 
     root = workdir_path(workdir)
     index_dir = str(root / "data_index")
@@ -110,6 +110,9 @@ def write_pseudo_labels(config: Any, workdir: str) -> dict:
         raise ValueError("every training image is labelled: there is nothing to pseudo-label")
     checkpoint = config.eval.checkpoint or workdir
     pretrained = evaluation.load_pretrained(checkpoint, config)
+    if fold.any() and not multihost.decided_by_process_zero(lambda: fold_as_trained(config, checkpoint)):
+        fold = np.zeros_like(fold)  # no estimate; the fold's images are still labelled, the support
+        in_loss = labelled
     mesh = sharding.make_mesh()
     net = evaluation.make_classifier(config.model, source.num_classes, None)
     size = config.views.eval_size
@@ -137,6 +140,33 @@ def write_pseudo_labels(config: Any, workdir: str) -> dict:
         summary = _merge(parts, root, source, pretrained, checkpoint, len(unlabelled), estimate)
     multihost_utils.sync_global_devices("semppl_pseudo_label_done")
     return summary
+
+
+FOLD_FIELDS = ("dataset.calibration_per_class", "dataset.label_subset", "dataset.label_seed")
+
+
+def fold_as_trained(config: Any, checkpoint: str) -> bool:
+    """Whether the fold this config draws is the one the run kept out of its loss, by the
+    run's ``config.json`` beside its checkpoints: the same fields, true; another fold,
+    refused naming the field (its images may have been in the loss: the estimate would read
+    high); no ``config.json`` (a released pickle), false, with a warning."""
+    from semppl_jax.errors import ConfigError
+
+    path = epath.Path(checkpoint)
+    saved = (path.parent if path.suffix == ".pkl" else path) / "config.json"
+    if not saved.exists():
+        logging.warning("no %s: which images the run kept out of its loss is not known, so the pseudo-labels' "
+                        "accuracy is not estimated", saved)
+        return False
+    trained = read_json(saved)
+    for field in FOLD_FIELDS:
+        section, name = field.split(".")
+        was, now = trained.get(section, {}).get(name), config[section][name]
+        if was != now:
+            raise ConfigError(f"config.{field}: {now!r} here, {was!r} in the pretraining run ({saved}); the "
+                              f"calibration fold would not be the images it kept out of the loss. Give "
+                              f"--config.{field}={was!r}")
+    return True
 
 
 def fold_estimate(in_loss: tuple[np.ndarray, np.ndarray], fold: tuple[np.ndarray, np.ndarray], num_classes: int,

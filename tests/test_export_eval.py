@@ -206,6 +206,16 @@ def test_pseudo_labels_cover_every_unlabelled_image_once_least_confident_first(t
     assert (summary["accuracy_low"], summary["accuracy_high"]) == pytest.approx(
         (max(0.0, centre - half), min(1.0, centre + half)), abs=1e-6)
 
+    # Another fold than the run kept out of its loss is refused, naming the field.
+    from semppl_jax.errors import ConfigError
+
+    trained = json.loads((tmp_path / "run" / "config.json").read_text())
+    trained["dataset"]["calibration_per_class"] = 0
+    (tmp_path / "run" / "config.json").write_text(json.dumps(trained))
+    with pytest.raises(ConfigError, match=r"config.dataset.calibration_per_class: 1 here, 0 in the pretraining run"):
+        pseudo_labels.write_pseudo_labels(config, workdir)
+    assert not pseudo_labels.fold_as_trained(config, str(tmp_path / "released" / "pretrain.pkl"))  # no config.json
+
     by_class = open(f"{workdir}/pseudo_labels_by_class.csv").read().splitlines()
     assert by_class[0] == "label,class_name,images,mean_share,mean_margin,accuracy" and len(by_class) == 11
     assert (tmp_path / "run" / "pseudo_labels_reliability.png").stat().st_size > 1000
