@@ -30,17 +30,11 @@ DRAWS = 2000
 
 def final_embeddings(config, source, workdir: str) -> np.ndarray:
     """The final encoder's centre-crop embedding of every training image, by image id."""
-    import jax
-
     from semppl_jax import evaluation, sharding
 
-    pretrained = evaluation.load_pretrained(workdir, config)
     mesh = sharding.make_mesh()
-    net = evaluation.make_classifier(config.model, source.num_classes, None)
-    size = config.views.eval_size
-    params, state = net.init(jax.random.key(0), jax.numpy.zeros((2, size, size, 3)), True)
-    params, state = sharding.replicate(evaluation.transplant(params, state, pretrained.params, pretrained.state),
-                                       mesh)
+    net, params, state = evaluation.frozen_encoder(config, source.num_classes,
+                                                   evaluation.load_pretrained(workdir, config), mesh)
     emb, ids = evaluation.embed_local(net, params, state, source, config, mesh, source.valid_ids())  # one process
     out = np.zeros((len(source.labels), emb.shape[1]), np.float32)
     out[ids] = emb

@@ -105,6 +105,17 @@ def transplant(params: dict, state: dict, pre_params: dict, pre_state: dict) -> 
     return params, state
 
 
+def frozen_encoder(config: Any, num_classes: int, pretrained: Pretrained, mesh
+                   ) -> tuple[hk.TransformedWithState, dict, dict]:
+    """The classifier network holding ``pretrained``'s encoder, replicated on ``mesh``: what
+    the k-NN and the pseudo-labels embed with (the head stays as initialised, unused)."""
+    net = make_classifier(config.model, num_classes, None)
+    size = config.views.eval_size
+    params, net_state = net.init(jax.random.key(0), jnp.zeros((2, size, size, 3)), True)
+    params, net_state = sharding.replicate(transplant(params, net_state, pretrained.params, pretrained.state), mesh)
+    return net, params, net_state
+
+
 def _flip_and_normalize(key: jax.Array, images: jax.Array, global_index: jax.Array, flip: bool) -> jax.Array:
     x = images.astype(jnp.float32) / 255.0
     if flip:

@@ -67,11 +67,7 @@ def evaluate(config, workdir: str) -> dict:
     if e.protocol == "knn":
         if pretrained is None:
             raise ValueError("config.eval.checkpoint: k-NN needs a pretrained encoder, not 'scratch'")
-        net = evaluation.make_classifier(config.model, train_source.num_classes, None)
-        size = config.views.eval_size
-        params, net_state = net.init(jax.random.key(0), jax.numpy.zeros((2, size, size, 3)), True)
-        params, net_state = sharding.replicate(
-            evaluation.transplant(params, net_state, pretrained.params, pretrained.state), mesh)
+        net, params, net_state = evaluation.frozen_encoder(config, train_source.num_classes, pretrained, mesh)
         result = evaluation.knn_eval(net, params, net_state, train_source, labelled, test_source, config, mesh,
                                      e.max_test_examples)
     else:

@@ -114,11 +114,7 @@ def write_pseudo_labels(config: Any, workdir: str) -> dict:
         fold = np.zeros_like(fold)  # no estimate; the fold's images are still labelled, the support
         in_loss = labelled
     mesh = sharding.make_mesh()
-    net = evaluation.make_classifier(config.model, source.num_classes, None)
-    size = config.views.eval_size
-    params, net_state = net.init(jax.random.key(0), jax.numpy.zeros((2, size, size, 3)), True)
-    params, net_state = sharding.replicate(
-        evaluation.transplant(params, net_state, pretrained.params, pretrained.state), mesh)
+    net, params, net_state = evaluation.frozen_encoder(config, source.num_classes, pretrained, mesh)
     support = [evaluation.embed(net, params, net_state, source, config, mesh, ids=np.flatnonzero(part))
                for part in (in_loss, fold) if part.any()]
     support_emb, support_y = (np.concatenate(parts) for parts in zip(*support))
