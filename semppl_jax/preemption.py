@@ -10,7 +10,11 @@ Where a notice is seen:
   handler, which records the notice in the coordination service under
   ``RECEIVED_PREEMPTION_NOTICE``, visible to every process, and drives the agreed
   save. A Python handler would replace it, so none is installed: during start-up a
-  watcher thread polls that key and interrupts the main thread on every process;
+  watcher thread polls that key and interrupts the main thread on every process. A
+  main thread that does not stop is held in a collective that a process already gone
+  will never join (JAX's ``device_put`` compares values across processes, Orbax and
+  ``multihost`` broadcast): after ``STUCK_SECONDS`` the watcher releases what the run
+  holds, leaves the distributed service (the others wait for it there) and exits 75;
 - **one process**: a Python handler, which raises at once during start-up and only
   records the notice once the loop runs (the loop saves, then stops).
 
@@ -22,9 +26,14 @@ start-up and every job that has nothing to save.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
+
+from absl import logging
 
 # Exit status of a job stopped by a preemption notice: EX_TEMPFAIL from sysexits.h.
 # Non-zero, so schedulers do not mark the job Completed; distinct from a crash (1)
@@ -33,6 +42,7 @@ PREEMPTED_EXIT_CODE = 75
 NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # JAX's preemption sync manager writes it on SIGTERM
 _WAKE_SIGNAL = signal.SIGUSR2  # how the watcher interrupts the main thread (a Python handler)
 _POLL_SECONDS = 0.5
+STUCK_SECONDS = 10.0  # a main thread not held in a collective leaves start-up well within this
 
 
 class Preempted(BaseException):
@@ -48,6 +58,7 @@ class Preempted(BaseException):
 
 
 _state = dict(notice=False, at_once=False, watching=False)
+_releases: list[Callable[[], None]] = []  # what a forced exit releases first (the workdir's lease)
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -88,12 +99,59 @@ def received() -> bool:
 
 
 def _watch(stop: threading.Event, main_thread: int) -> None:
-    """Several processes: interrupts the main thread once a notice is in, unless the loop runs."""
+    """Several processes: interrupts the main thread once a notice is in, unless the loop runs;
+    ends the process if the main thread has not left start-up ``STUCK_SECONDS`` later."""
     while not stop.wait(_POLL_SECONDS):
         if _state["at_once"] and received():
             _state["notice"] = True
             signal.pthread_kill(main_thread, _WAKE_SIGNAL)
+            if not stop.wait(STUCK_SECONDS):
+                _exit_stuck(main_thread)
             return
+
+
+def _exit_stuck(main_thread: int) -> None:
+    """The main thread waits in a collective that another process, already stopped, will
+    not join. Nothing is saved before the first step, so nothing is lost: release what the
+    run holds, leave the distributed service (the stopped processes wait in its shutdown
+    barrier for this one) and exit 75 without the main thread."""
+    logging.warning("preempted (nothing to save yet), but start-up is still held %.0f s later in a collective "
+                    "that another process, already stopped, will not join; exiting without it. Held at %s",
+                    STUCK_SECONDS, _held_at(sys._current_frames().get(main_thread)))
+    for release in reversed(_releases):
+        try:
+            release()
+        except Exception as e:  # noqa: BLE001 - exiting anyway; each release is tried
+            logging.warning("releasing %s before exiting failed: %s", release, e)
+    try:
+        import jax
+
+        jax.distributed.shutdown()
+    except Exception as e:  # noqa: BLE001 - exiting anyway
+        logging.warning("leaving the distributed service failed: %s", e)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(PREEMPTED_EXIT_CODE)
+
+
+def _held_at(frame) -> str:
+    """Where the main thread waits: this project's innermost call, then the innermost frame."""
+    if frame is None:
+        return "(unknown)"
+    stack = traceback.extract_stack(frame)
+    ours = [f for f in stack if f"{os.sep}semppl_jax{os.sep}" in f.filename]
+    return " -> ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in [*ours[-1:], stack[-1]])
+
+
+@contextlib.contextmanager
+def released_on_forced_exit(release: Callable[[], None]) -> Iterator[None]:
+    """Within: a forced exit (see ``_exit_stuck``) calls ``release`` first."""
+    _releases.append(release)
+    try:
+        yield
+    finally:
+        _releases.remove(release)
 
 
 @contextlib.contextmanager

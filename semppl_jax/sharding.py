@@ -7,6 +7,7 @@ mapped with ``jax.shard_map`` under ``jax.jit``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from semppl_jax import multihost
 
 AXIS = "data"
 
@@ -54,7 +57,38 @@ def shard_step(step_fn: Callable, mesh: Mesh, transposed: bool = False) -> Calla
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """``tree`` on every device of ``mesh``.
+
+    With several processes each places its own copy and only a fingerprint of it is
+    compared: ``jax.device_put`` would all-gather the whole tree from every process
+    to check that they agree: (processes x state) bytes into each host's memory at
+    every start, 28 GiB on 64 hosts for the ResNet-50 preset's 446 MiB."""
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    host = jax.device_get(tree)
+    same_on_every_process(host, "the values replicated on every device")
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding,
+                                                               lambda index: np.asarray(x[index])), host)
+
+
+def fingerprint(tree: Any) -> str:
+    """A digest of a host tree: its paths, dtypes, shapes and bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape};".encode())
+        digest.update(leaf.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
+def same_on_every_process(tree: Any, what: str) -> None:
+    """Raises on every process alike when ``tree`` differs from process 0's (a collective)."""
+    prints = multihost.allgather_json(fingerprint(tree))
+    differ = [p for p, f in enumerate(prints) if f != prints[0]]
+    if differ:
+        raise RuntimeError(f"{what} differ between process 0 and process(es) {differ}: every process must run the "
+                           f"same command, config and library versions")
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh, transposed: bool = False) -> dict:

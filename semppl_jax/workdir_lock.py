@@ -31,7 +31,7 @@ from collections.abc import Iterator
 
 from absl import logging
 
-from semppl_jax import multihost
+from semppl_jax import multihost, preemption
 from semppl_jax.errors import WorkdirError
 from semppl_jax.paths import is_uri, workdir_path
 
@@ -219,7 +219,8 @@ def held(workdir: str, mode: str) -> Iterator[WorkdirLease | None]:
     if lease is not None:
         _HELD[key] = lease
     try:
-        yield lease
+        with preemption.released_on_forced_exit(lease.release) if lease is not None else contextlib.nullcontext():
+            yield lease
     finally:
         _HELD.pop(key, None)
         if lease is not None:

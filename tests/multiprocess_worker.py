@@ -2,7 +2,9 @@
 
 Run by tests/test_multiprocess.py as ``python tests/multiprocess_worker.py PORT ID OUT``.
 Feeds this process's half of each global batch and, on process 0, saves the
-losses and final parameters for comparison with a 1-process x 8-device run.
+losses and final parameters for comparison with a 1-process x 8-device run (the
+state placed by ``sharding.replicate``, which compares a fingerprint across processes;
+a value that differs is refused on both).
 """
 
 import os
@@ -37,9 +39,15 @@ def main(port: str, process_id: str, out: str) -> None:
         state, metrics = step(state, sharding.shard_batch(local, mesh))
         losses.append(float(metrics["loss"]))
     params = jax.tree.map(np.asarray, jax.device_get(state.online_params))
+    try:  # a value that differs between the processes is refused on both, naming process 1
+        sharding.replicate({"x": np.full(3, pid, np.float32)}, mesh)
+        refused = ""
+    except RuntimeError as e:
+        refused = str(e)
     if pid == 0:
         flat = {"/".join(str(k.key) for k in path): v for path, v in jax.tree.leaves_with_path(params)}
-        np.savez(out, losses=np.array(losses), queue_labels=np.asarray(state.queue.labels), **flat)
+        np.savez(out, losses=np.array(losses), queue_labels=np.asarray(state.queue.labels), refused=refused, **flat)
+    assert "process(es) [1]" in refused, refused
     jax.distributed.shutdown()
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from experiments import tiny
-from semppl_jax import checkpointing, datasets, jobs
+from semppl_jax import checkpointing, datasets, jobs, workdir_lock
 from semppl_jax.metric_writers import read_jsonl
 from tests.conftest import REPO
 from tests.test_multiprocess import free_port
@@ -31,7 +31,7 @@ def _env(devices: int) -> dict:
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_DISABLE_MOST_OPTIMIZATIONS="true",
-               PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+               PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", TF_CPP_MIN_LOG_LEVEL="2")
     return env
 
 
@@ -44,7 +44,9 @@ def _launch(args: list[str], port: int, logs, devices: int = 4) -> list[subproce
     return procs
 
 
-def _wait(procs, timeout: float) -> list[int]:
+def _wait(procs, timeout: float, log_paths=()) -> list[int]:
+    """The exit codes; on a timeout every process still running gets SIGABRT first, so that
+    its Python stacks (``PYTHONFAULTHANDLER``) land in its log and the failure shows where it hung."""
     deadline = time.time() + timeout
     codes = []
     for p in procs:
@@ -52,8 +54,13 @@ def _wait(procs, timeout: float) -> list[int]:
             codes.append(p.wait(timeout=max(1.0, deadline - time.time())))
         except subprocess.TimeoutExpired:
             for q in procs:
+                if q.poll() is None:
+                    q.send_signal(signal.SIGABRT)
+            time.sleep(2)
+            for q in procs:
                 q.kill()
-            raise
+            raise AssertionError(f"not exited within {timeout:.0f} s: "
+                                 f"{[q.returncode for q in procs]}\n{_tail(log_paths)}") from None
     return codes
 
 
@@ -79,7 +86,7 @@ def test_sigterm_to_one_process_then_resume_export_and_knn_with_two_processes(tm
         time.sleep(0.5)
     procs[1].send_signal(signal.SIGTERM)  # one process only
     t0 = time.time()
-    codes = _wait(procs, 180)
+    codes = _wait(procs, 180, log_paths)
     assert time.time() - t0 < 180
     assert codes == [jobs.PREEMPTED_EXIT_CODE] * 2, (codes, _tail(log_paths))
     saved = checkpointing.latest_step(str(workdir))
@@ -92,21 +99,21 @@ def test_sigterm_to_one_process_then_resume_export_and_knn_with_two_processes(tm
     # The same two commands resume from the agreed step and finish (a shorter schedule
     # would be a drifted config: finish the original one, but only a few more steps).
     resume = args + ["--stop_after=5"]
-    codes = _wait(_launch(resume, free_port(), logs), 400)
+    codes = _wait(_launch(resume, free_port(), logs), 400, log_paths)
     assert codes == [0, 0], _tail(log_paths)
     assert checkpointing.latest_step(str(workdir)) == saved + 5
     steps = [r["step"] for r in read_jsonl(str(metrics))]
     assert len(steps) == len(set(steps)) and steps == sorted(steps)  # every logged step once
 
     codes = _wait(_launch(["--config=experiments/tiny.py", f"--workdir={workdir}", "--mode=export"],
-                          free_port(), logs), 400)
+                          free_port(), logs), 400, log_paths)
     assert codes == [0, 0], _tail(log_paths)
     assert (workdir / "pretrain.pkl").exists() and not list(workdir.glob("*.tmp*"))
 
     knn_dir = tmp_path / "knn"
     codes = _wait(_launch(["--config=experiments/eval.py:knn,tiny", f"--workdir={knn_dir}",
                            "--mode=eval", f"--config.eval.checkpoint={workdir}", "--config.semppl.queue_size=64"],
-                          free_port(), logs), 400)
+                          free_port(), logs), 400, log_paths)
     assert codes == [0, 0], _tail(log_paths)
     result = json.loads((knn_dir / "eval_results.json").read_text())
     assert result["step"] == saved + 5 and 0.0 <= result["top1"] <= 1.0 and result["num_examples"] == 64
@@ -114,7 +121,7 @@ def test_sigterm_to_one_process_then_resume_export_and_knn_with_two_processes(tm
     # Pseudo-labels with 2 processes: one file, every unlabelled image once (not the fold's),
     # and the fold's estimate.
     codes = _wait(_launch(["--config=experiments/tiny.py", fold, f"--workdir={workdir}", "--mode=pseudo_label"],
-                          free_port(), logs), 400)
+                          free_port(), logs), 400, log_paths)
     assert codes == [0, 0], _tail(log_paths)
     rows = read_jsonl(str(workdir / "pseudo_labels.jsonl"))
     config = tiny.get_config()
@@ -179,6 +186,30 @@ def _wait_for(paths, text: str, procs, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
+def test_a_process_held_in_a_collective_by_a_stopped_one_still_exits_75(tmp_path):
+    """A notice reaches process 1 before a collective that process 0 has already entered
+    (JAX's device_put compares values across processes at start-up): process 1 stops and
+    waits in the distributed service's shutdown barrier, process 0 would wait in the
+    collective for ever. Its watcher ends it: the lease released, the service left, 75."""
+    workdir = tmp_path / "run"
+    log_paths = [tmp_path / f"p{i}.log" for i in range(2)]
+    logs = [open(p, "w") for p in log_paths]
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "stuck_collective_worker.py"), str(port), str(i),
+                               str(workdir)], cwd=REPO, env=_env(2), stdout=logs[i], stderr=subprocess.STDOUT)
+             for i in range(2)]
+    _wait_for(log_paths[:1], "waiting alone", procs)
+    _wait_for(log_paths[1:], "ready", procs)
+    time.sleep(1)  # process 0 is in the collective
+    procs[1].send_signal(signal.SIGTERM)
+    t0 = time.time()
+    assert _wait(procs, 120, log_paths) == [jobs.PREEMPTED_EXIT_CODE] * 2, _tail(log_paths)
+    assert time.time() - t0 < 60
+    held = open(log_paths[0]).read()
+    assert "still held" in held and "multihost.py" in held and "barrier" in held, _tail(log_paths)  # where
+    assert workdir_lock.read_holder(str(workdir))[0] is None  # the lease released
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_during_start_up_ends_in_75_at_once(tmp_path, processes):
     """A notice before the first step (here while the step is being built, right after the
@@ -196,7 +227,7 @@ def test_sigterm_during_start_up_ends_in_75_at_once(tmp_path, processes):
     _wait_for(log_paths[-1:], "train set:", procs)
     procs[-1].send_signal(signal.SIGTERM)
     t0 = time.time()
-    codes = _wait(procs, 120)
+    codes = _wait(procs, 120, log_paths)
     assert codes == [jobs.PREEMPTED_EXIT_CODE] * processes, (codes, _tail(log_paths))
     assert time.time() - t0 < 60
     assert checkpointing.latest_step(str(workdir)) is None and not (workdir / "metrics.jsonl").exists()
