@@ -42,7 +42,7 @@ PREEMPTED_EXIT_CODE = 75
 NOTICE_KEY = "RECEIVED_PREEMPTION_NOTICE"  # JAX's preemption sync manager writes it on SIGTERM
 _WAKE_SIGNAL = signal.SIGUSR2  # how the watcher interrupts the main thread (a Python handler)
 _POLL_SECONDS = 0.5
-STUCK_SECONDS = 10.0  # a main thread not held in a collective leaves start-up well within this
+STUCK_SECONDS = 10.0  # a main thread back in Python leaves start-up well within this
 
 
 class Preempted(BaseException):
@@ -57,7 +57,7 @@ class Preempted(BaseException):
         self.step = step
 
 
-_state = dict(notice=False, at_once=False, watching=False)
+_state = dict(notice=False, at_once=False, watching=False, armed=False)
 _releases: list[Callable[[], None]] = []  # what a forced exit releases first (the workdir's lease)
 
 
@@ -65,6 +65,22 @@ def _on_sigterm(signum, frame) -> None:
     _state["notice"] = True
     if _state["at_once"]:
         raise Preempted()
+
+
+def _on_wake(signum, frame) -> None:
+    """The watcher's interrupt: counts only while armed, within start-up (never in the loop)."""
+    if _state["armed"] and _state["at_once"]:
+        raise Preempted()
+
+
+@contextlib.contextmanager
+def _wake_held_back() -> Iterator[None]:
+    """Within: the watcher's interrupt waits (delivered, and judged by ``_on_wake``, on leaving)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {_WAKE_SIGNAL})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {_WAKE_SIGNAL})
 
 
 def install() -> None:
@@ -100,10 +116,11 @@ def received() -> bool:
 
 def _watch(stop: threading.Event, main_thread: int) -> None:
     """Several processes: interrupts the main thread once a notice is in, unless the loop runs;
-    ends the process if the main thread has not left start-up ``STUCK_SECONDS`` later."""
+    ends the process if the main thread has not left start-up ``STUCK_SECONDS`` later. The
+    notice stays the service's: ``_state['notice']`` is this process's own handler's alone,
+    which the loop reads, and must not differ between processes."""
     while not stop.wait(_POLL_SECONDS):
-        if _state["at_once"] and received():
-            _state["notice"] = True
+        if _state["armed"] and _state["at_once"] and received():
             signal.pthread_kill(main_thread, _WAKE_SIGNAL)
             if not stop.wait(STUCK_SECONDS):
                 _exit_stuck(main_thread)
@@ -111,14 +128,15 @@ def _watch(stop: threading.Event, main_thread: int) -> None:
 
 
 def _exit_stuck(main_thread: int) -> None:
-    """The main thread waits in a collective that another process, already stopped, will
-    not join. Nothing is saved before the first step, so nothing is lost: release what the
-    run holds, leave the distributed service (the stopped processes wait in its shutdown
-    barrier for this one) and exit 75 without the main thread."""
-    logging.warning("preempted (nothing to save yet), but start-up is still held %.0f s later in a collective "
-                    "that another process, already stopped, will not join; exiting without it. Held at %s",
+    """The main thread has not returned to Python: it waits in a collective that another
+    process, already stopped, will not join (or in a long compile or restore). Nothing is
+    saved before the first step, so nothing is lost: release what the run holds, leave the
+    distributed service (the stopped processes wait in its shutdown barrier for this one)
+    and exit 75 without the main thread."""
+    logging.warning("preempted (nothing to save yet), but start-up is still held %.0f s later, most likely in a "
+                    "collective that another process, already stopped, will not join; exiting without it. Held at %s",
                     STUCK_SECONDS, _held_at(sys._current_frames().get(main_thread)))
-    for release in reversed(_releases):
+    for release in reversed(list(_releases)):
         try:
             release()
         except Exception as e:  # noqa: BLE001 - exiting anyway; each release is tried
@@ -165,20 +183,38 @@ def exit_at_once() -> Iterator[None]:
     watcher = None
     if (not _state["watching"] and _distributed_client() is not None
             and threading.current_thread() is threading.main_thread()):
-        old = signal.signal(_WAKE_SIGNAL, _on_sigterm)
+        signal.signal(_WAKE_SIGNAL, _on_wake)  # kept after: a late interrupt must find a handler, not SIG_DFL
         watcher = threading.Thread(target=_watch, args=(stop, threading.get_ident()), daemon=True,
                                    name="preemption-watcher")
-        _state["watching"] = True
+        _state.update(watching=True, armed=True)
         watcher.start()
     try:
         yield
     finally:
-        stop.set()
-        if watcher is not None:
-            watcher.join()
-            signal.signal(_WAKE_SIGNAL, old)
-            _state["watching"] = False
-        _state["at_once"] = previous
+        with _wake_held_back():  # an interrupt arriving now must not skip the restores below
+            stop.set()
+            if watcher is not None:
+                _state["armed"] = False
+                watcher.join()
+                _state["watching"] = False
+            _state["at_once"] = previous
+
+
+def agree_to_start() -> None:
+    """The last collective of start-up: every process enters the training loop, or none.
+
+    Each says whether it has seen a notice; if any has, all stop (75). Else a notice is,
+    from here on, the loop's (saved at an agreed step): an interrupt already on its way is
+    held back and then finds the wake disarmed, so no process stops alone and leaves the
+    others in the first step's all-reduce."""
+    if _distributed_client() is None:
+        return
+    from semppl_jax import multihost
+
+    with _wake_held_back():
+        if any(multihost.allgather_json(received())):
+            raise Preempted()
+        _state["armed"] = False
 
 
 @contextlib.contextmanager

@@ -66,7 +66,7 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     sharding = NamedSharding(mesh, P())
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
-    host = jax.device_get(tree)
+    host = jax.tree.map(np.asarray, jax.device_get(tree))
     same_on_every_process(host, "the values replicated on every device")
     return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding,
                                                                lambda index: np.asarray(x[index])), host)
@@ -76,9 +76,9 @@ def fingerprint(tree: Any) -> str:
     """A digest of a host tree: its paths, dtypes, shapes and bytes."""
     digest = hashlib.blake2b(digest_size=16)
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        leaf = np.ascontiguousarray(leaf)
+        leaf = np.asarray(leaf)
         digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape};".encode())
-        digest.update(leaf.reshape(-1).view(np.uint8))
+        digest.update(np.ascontiguousarray(leaf).reshape(-1).view(np.uint8))
     return digest.hexdigest()
 
 

@@ -186,18 +186,23 @@ def _wait_for(paths, text: str, procs, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
-def test_a_process_held_in_a_collective_by_a_stopped_one_still_exits_75(tmp_path):
-    """A notice reaches process 1 before a collective that process 0 has already entered
-    (JAX's device_put compares values across processes at start-up): process 1 stops and
-    waits in the distributed service's shutdown barrier, process 0 would wait in the
-    collective for ever. Its watcher ends it: the lease released, the service left, 75."""
+def _start_two_workers(tmp_path, mode: str):
     workdir = tmp_path / "run"
     log_paths = [tmp_path / f"p{i}.log" for i in range(2)]
     logs = [open(p, "w") for p in log_paths]
     port = free_port()
     procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "stuck_collective_worker.py"), str(port), str(i),
-                               str(workdir)], cwd=REPO, env=_env(2), stdout=logs[i], stderr=subprocess.STDOUT)
+                               str(workdir), mode], cwd=REPO, env=_env(2), stdout=logs[i], stderr=subprocess.STDOUT)
              for i in range(2)]
+    return workdir, log_paths, procs
+
+
+def test_a_process_held_in_a_collective_by_a_stopped_one_still_exits_75(tmp_path):
+    """A notice reaches process 1 before a collective that process 0 has already entered
+    (start-up broadcasts process 0's decisions): process 1 stops and waits in the
+    distributed service's shutdown barrier, process 0 would wait in the collective for
+    ever. Its watcher ends it: the lease released, the service left, 75."""
+    workdir, log_paths, procs = _start_two_workers(tmp_path, "stuck")
     _wait_for(log_paths[:1], "waiting alone", procs)
     _wait_for(log_paths[1:], "ready", procs)
     time.sleep(1)  # process 0 is in the collective
@@ -208,6 +213,24 @@ def test_a_process_held_in_a_collective_by_a_stopped_one_still_exits_75(tmp_path
     held = open(log_paths[0]).read()
     assert "still held" in held and "multihost.py" in held and "barrier" in held, _tail(log_paths)  # where
     assert workdir_lock.read_holder(str(workdir))[0] is None  # the lease released
+
+
+def test_a_notice_at_the_end_of_start_up_stops_every_process_at_the_agreement(tmp_path):
+    """Process 0 has finished start-up and waits to enter the loop; the notice reaches
+    process 1 while the watcher's interrupt cannot (a long native call). Both stop at the
+    agreement before the loop (75), none is ended by its watcher, and neither enters the
+    first step's collective alone."""
+    workdir, log_paths, procs = _start_two_workers(tmp_path, "agree")
+    _wait_for(log_paths[:1], "agreeing", procs)
+    _wait_for(log_paths[1:], "ready", procs)
+    time.sleep(1)
+    procs[1].send_signal(signal.SIGTERM)
+    t0 = time.time()
+    assert _wait(procs, 120, log_paths) == [jobs.PREEMPTED_EXIT_CODE] * 2, _tail(log_paths)
+    assert time.time() - t0 < 60
+    assert not any("still held" in open(p).read() or "entered the loop" in open(p).read() for p in log_paths), \
+        _tail(log_paths)
+    assert workdir_lock.read_holder(str(workdir))[0] is None
 
 
 @pytest.mark.parametrize("processes", [1, 2])
