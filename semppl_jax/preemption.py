@@ -26,12 +26,14 @@ start-up and every job that has nothing to save.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import signal
 import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from absl import logging
 
@@ -63,21 +65,38 @@ _releases: list[Callable[[], None]] = []  # what a forced exit releases first (t
 
 def _on_sigterm(signum, frame) -> None:
     _state["notice"] = True
+    _tell_the_others()
     if _state["at_once"]:
         raise Preempted()
 
 
+def _tell_the_others() -> None:
+    """A SIGTERM that reaches this handler while ``jax.distributed.initialize`` connects
+    (JAX installs its own handler only after) is recorded where JAX's would record it,
+    so that the other processes' watchers stop them too."""
+    client = _distributed_client()
+    if client is None:
+        return
+    try:
+        client.key_value_set(NOTICE_KEY, datetime.datetime.now(datetime.UTC).isoformat())
+    except Exception:  # noqa: BLE001 - the key exists already (another notice): told
+        pass
+
+
 def _on_wake(signum, frame) -> None:
-    """The watcher's interrupt: counts only while armed, within start-up (never in the loop)."""
+    """The watcher's interrupt: counts only while armed, within start-up (never in the loop).
+    It disarms as it raises: a main thread that leaves by itself is not ended by the watcher."""
     if _state["armed"] and _state["at_once"]:
+        _state["armed"] = False
         raise Preempted()
 
 
 @contextlib.contextmanager
 def _wake_held_back() -> Iterator[None]:
-    """Within: the watcher's interrupt waits (delivered, and judged by ``_on_wake``, on leaving)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {_WAKE_SIGNAL})
+    """Within: the watcher's interrupt waits (delivered, and judged by ``_on_wake``, on leaving;
+    one already caught runs as the mask is set, raising from here)."""
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {_WAKE_SIGNAL})
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {_WAKE_SIGNAL})
@@ -122,7 +141,7 @@ def _watch(stop: threading.Event, main_thread: int) -> None:
     while not stop.wait(_POLL_SECONDS):
         if _state["armed"] and _state["at_once"] and received():
             signal.pthread_kill(main_thread, _WAKE_SIGNAL)
-            if not stop.wait(STUCK_SECONDS):
+            if not stop.wait(STUCK_SECONDS) and _state["armed"]:  # not raised, not through the agreement
                 _exit_stuck(main_thread)
             return
 
@@ -191,26 +210,29 @@ def exit_at_once() -> Iterator[None]:
     try:
         yield
     finally:
-        with _wake_held_back():  # an interrupt arriving now must not skip the restores below
-            stop.set()
-            if watcher is not None:
-                _state["armed"] = False
-                watcher.join()
-                _state["watching"] = False
-            _state["at_once"] = previous
+        stop.set()  # leaving by itself: the watcher neither ends nor interrupts it
+        if watcher is not None:
+            _state["armed"] = False  # from here a late interrupt finds _on_wake disarmed
+            watcher.join()
+            _state["watching"] = False
+        _state["at_once"] = previous
 
 
-def agree_to_start() -> None:
+def agree_to_start(reached_step: Callable[[int], Any], start_step: int) -> None:
     """The last collective of start-up: every process enters the training loop, or none.
 
-    Each says whether it has seen a notice; if any has, all stop (75). Else a notice is,
-    from here on, the loop's (saved at an agreed step): an interrupt already on its way is
-    held back and then finds the wake disarmed, so no process stops alone and leaves the
-    others in the first step's all-reduce."""
+    Each first reports ``start_step`` to JAX's preemption sync (``reached_step``: the
+    checkpointer's ``reached_preemption``), so that a notice from here on is saved at the
+    step after it (its counters start at 0: a resumed run would otherwise be given step 1,
+    which it never reaches). Then each says whether it has seen a notice; if any has, all
+    stop (75). Else a notice is the loop's: an interrupt already on its way is held back
+    and then finds the wake disarmed, so no process stops alone and leaves the others in
+    the first step's all-reduce."""
     if _distributed_client() is None:
         return
     from semppl_jax import multihost
 
+    reached_step(start_step)
     with _wake_held_back():
         if any(multihost.allgather_json(received())):
             raise Preempted()

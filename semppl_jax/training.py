@@ -175,7 +175,7 @@ def setup(config: Any, workdir: str, stop_after: int | None = None,
 
         steps = (start_step, end_step, total_steps, steps_per_epoch)
         actions, gathered = _actions(config, root, source, masks, mesh, ckpt, meta, steps, closing)
-        preemption.agree_to_start()  # every process enters the loop, or none
+        preemption.agree_to_start(ckpt.reached_preemption, start_step)  # every process enters the loop, or none
         on_error.pop_all()
     return Run(state, start_step, end_step, total_steps, compiled, itertools.chain([first], batches), actions,
                closing, gathered, summary_path)

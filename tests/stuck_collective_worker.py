@@ -25,6 +25,8 @@ STUCK_SECONDS = 5.0  # the launcher's 10 s, shortened for the test
 
 
 def main(port: str, process_id: str, workdir: str, mode: str) -> None:
+    from jax.experimental import multihost_utils
+
     from semppl_jax import distributed, multihost, workdir_lock
 
     preemption.STUCK_SECONDS = STUCK_SECONDS
@@ -44,7 +46,7 @@ def main(port: str, process_id: str, workdir: str, mode: str) -> None:
                     time.sleep(0.05)
             else:
                 print("agreeing", flush=True)
-            preemption.agree_to_start()
+            preemption.agree_to_start(multihost_utils.reached_preemption_sync_point, 0)
             multihost.barrier("the first step")
             raise AssertionError("entered the loop")
         print("ready", flush=True)
