@@ -173,12 +173,12 @@ def _exit_stuck(main_thread: int) -> None:
 
 
 def _held_at(frame) -> str:
-    """Where the main thread waits: this project's innermost call, then the innermost frame."""
+    """Where the main thread waits: this project's two innermost calls, then the innermost frame."""
     if frame is None:
         return "(unknown)"
     stack = traceback.extract_stack(frame)
     ours = [f for f in stack if f"{os.sep}semppl_jax{os.sep}" in f.filename]
-    return " -> ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in [*ours[-1:], stack[-1]])
+    return " -> ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in [*ours[-2:], stack[-1]])
 
 
 @contextlib.contextmanager
