@@ -21,25 +21,20 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tests.test_multihost_launcher import TRAIN_ARGS, _env  # noqa: E402
+from tests.test_multihost_launcher import TRAIN_ARGS, _launch, abort_with_stacks  # noqa: E402
 from tests.test_multiprocess import free_port  # noqa: E402
 
 
 def one_run(directory: str, delay: float, limit: float) -> dict:
     os.makedirs(directory, exist_ok=True)
     logs = [open(os.path.join(directory, f"p{i}.log"), "w") for i in range(2)]
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "semppl_jax.main", f"--coordinator_address=localhost:{port}",
-                               "--num_processes=2", f"--process_id={i}", *TRAIN_ARGS,
-                               f"--workdir={directory}/run"], cwd=REPO, env=_env(4), stdout=logs[i],
-                              stderr=subprocess.STDOUT) for i in range(2)]
+    procs = _launch(TRAIN_ARGS + [f"--workdir={directory}/run"], free_port(), logs)
     while "train set:" not in open(os.path.join(directory, "p1.log")).read():
         if any(p.poll() is not None for p in procs):
             raise RuntimeError(f"a process ended before start-up: see {directory}")
@@ -52,12 +47,7 @@ def one_run(directory: str, delay: float, limit: float) -> dict:
             if i not in ended and p.poll() is not None:
                 ended[i] = (round(time.time() - t0, 1), p.returncode)
         time.sleep(0.1)
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGABRT)
-    time.sleep(2)
-    for p in procs:
-        p.kill()
+    abort_with_stacks(procs)
     held = [i for i in range(2) if "still held" in open(os.path.join(directory, f"p{i}.log")).read()]
     return dict(delay=round(delay, 2), seconds=[ended.get(i, (None, None))[0] for i in range(2)],
                 codes=[ended.get(i, (None, None))[1] for i in range(2)], held=held)

@@ -12,9 +12,10 @@ Where a notice is seen:
   save. A Python handler would replace it, so none is installed: during start-up a
   watcher thread polls that key and interrupts the main thread on every process. A
   main thread that does not stop is held in a collective that a process already gone
-  will never join (JAX's ``device_put`` compares values across processes, Orbax and
-  ``multihost`` broadcast): after ``STUCK_SECONDS`` the watcher releases what the run
-  holds, leaves the distributed service (the others wait for it there) and exits 75;
+  will never join (process 0's decisions are broadcast, the state's fingerprint is
+  compared, Orbax meets at barriers): after ``STUCK_SECONDS`` the watcher releases what
+  the run holds, leaves the distributed service (the others wait for it there) and
+  exits 75. Start-up ends in ``agree_to_start``: all processes enter the loop, or none;
 - **one process**: a Python handler, which raises at once during start-up and only
   records the notice once the loop runs (the loop saves, then stops).
 

@@ -44,21 +44,27 @@ def _launch(args: list[str], port: int, logs, devices: int = 4) -> list[subproce
     return procs
 
 
+def abort_with_stacks(procs) -> None:
+    """Ends every process; those still running get SIGABRT first, so that their Python
+    stacks (``PYTHONFAULTHANDLER``) land in their logs."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGABRT)
+    time.sleep(2)
+    for p in procs:
+        p.kill()
+
+
 def _wait(procs, timeout: float, log_paths=()) -> list[int]:
-    """The exit codes; on a timeout every process still running gets SIGABRT first, so that
-    its Python stacks (``PYTHONFAULTHANDLER``) land in its log and the failure shows where it hung."""
+    """The exit codes; on a timeout the processes are aborted (``abort_with_stacks``) and the
+    failure shows their logs, with where they hung."""
     deadline = time.time() + timeout
     codes = []
     for p in procs:
         try:
             codes.append(p.wait(timeout=max(1.0, deadline - time.time())))
         except subprocess.TimeoutExpired:
-            for q in procs:
-                if q.poll() is None:
-                    q.send_signal(signal.SIGABRT)
-            time.sleep(2)
-            for q in procs:
-                q.kill()
+            abort_with_stacks(procs)
             raise AssertionError(f"not exited within {timeout:.0f} s: "
                                  f"{[q.returncode for q in procs]}\n{_tail(log_paths)}") from None
     return codes
