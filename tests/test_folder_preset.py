@@ -44,7 +44,9 @@ def test_a_small_grey_folder_gets_small_views_no_colour_and_a_full_schedule(tmp_
     assert config.training.batch_size == 1  # an eighth of 12 images
     config_checks.validate(config, num_devices=1, num_train=12, num_classes=2)
     assert config.dataset.calibration_per_class == 1  # the class with 2 labelled images keeps one in the loss
-    for reason in ("views:", "augmentation:", "network:", "schedule:", "queue:", "calibration fold: 1 labelled"):
+    assert config.semppl.min_vote_precision == folder_preset.FEW_LABELS_PRECISION == 0.7  # 1 a class in the loss
+    for reason in ("views:", "augmentation:", "network:", "schedule:", "queue:", "calibration fold: 1 labelled",
+                   "vote gate: positives from votes 70% right, not 90% (1 labelled a class in the loss"):
         assert f"[folder.py]   {reason}" in printed
 
 
@@ -58,13 +60,13 @@ def test_colour_is_read_from_the_images_and_upright_drops_flips(tmp_path, capsys
     assert folder_preset.resolve(folder.get_config(str(tmp_path) + ",grey"), None).augment.hue == 0.0  # said
 
 
-@pytest.mark.parametrize("images,side,size,depth,pool", [
-    (4_000, 28, 28, "small", False),
-    (50_000, 32, 32, "resnet18", False),  # many small images: a ResNet-18 that keeps their resolution
-    (50_000, 500, 112, "resnet18", True),
-    (1_281_167, 400, 224, "resnet50", True),
+@pytest.mark.parametrize("images,side,size,depth,pool,precision", [
+    (4_000, 28, 28, "small", False, 0.7),  # 4 labelled a class, 1 in the fold: 3 in the loss
+    (50_000, 32, 32, "resnet18", False, 0.9),  # many small images: a ResNet-18 that keeps their resolution
+    (50_000, 500, 112, "resnet18", True, 0.9),
+    (1_281_167, 400, 224, "resnet50", True, 0.9),
 ])
-def test_views_network_and_schedule_follow_the_folder_size(images, side, size, depth, pool):
+def test_views_network_and_schedule_follow_the_folder_size(images, side, size, depth, pool, precision):
     config = default_config.base_config()
     figures = folder_preset.Figures(images, labelled=images // 100, classes=10, side=side, grey=False,
                                     fewest_labelled=images // 1000)
@@ -74,7 +76,8 @@ def test_views_network_and_schedule_follow_the_folder_size(images, side, size, d
     assert (config.model.depth, config.model.stem_max_pool) == (depth, pool)
     assert config.training.num_epochs == max(30, math.ceil(folder_preset.IMAGES_SEEN / images))
     assert config.semppl.queue_size == max(64, 4 * (images // 100))
-    assert len(lines) == 6
+    assert config.semppl.min_vote_precision == precision
+    assert len(lines) == 7 and lines[-1].startswith(f"vote gate: positives from votes {precision:.0%} right")
     config_checks.resolve_batch(config, num_devices=8, num_train=images)
     config_checks.validate(config, num_devices=8, num_train=images, num_classes=10)
 
@@ -93,8 +96,10 @@ def test_the_config_reads_nothing_until_the_run_starts_and_the_users_overrides_w
     with pytest.raises(FileNotFoundError, match="no such directory"):
         folder_preset.resolve(config, None)
     config = folder.get_config(write_folder(tmp_path, side=40, grey=False))
-    folder_preset.resolve(config, None, {"views.large_size": 32, "semppl.queue_size": 100})
+    folder_preset.resolve(config, None, {"views.large_size": 32, "semppl.queue_size": 100,
+                                         "semppl.min_vote_precision": 0.9})
     assert (config.views.large_size, config.views.eval_size, config.semppl.queue_size) == (32, 40, 100)
+    assert config.semppl.min_vote_precision == 0.9  # the preset's 0.7 for so few labels, overridden
     assert "[folder.py]   as given: views.large_size=32" in capsys.readouterr().out
     before = config.to_json()
     folder_preset.resolve(config, None)  # resolved once: a second call changes nothing
