@@ -2,9 +2,10 @@
 
 The folder is laid out as ``photos/train/<class>/*`` (labelled), ``photos/train/unlabelled/**``
 (no class) and ``photos/test/<class>/*``. The values that depend on the data (view size,
-augmentation, network, schedule, queue, calibration fold, vote gate) are read from it when the run starts, by process 0
-from the run's one listing, and printed, each with its reason: the rules are in
-``semppl_jax/folder_preset.py``, the figures behind them in ``docs/own_photos.md``.
+augmentation, network, schedule, queue, calibration fold, vote gate) are read from it when
+the run starts, by process 0 from the run's one listing, and printed, each with its reason:
+the rules are in ``semppl_jax/folder_preset.py``, the figures behind them in
+``docs/own_photos.md``.
 ``grey`` drops hue and saturation jitter (also chosen when the sampled images are grey);
 ``upright`` drops flips (text, digits, anything a mirror changes).
 
