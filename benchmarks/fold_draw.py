@@ -57,14 +57,14 @@ def rank_among_draws(right: np.ndarray, classes: np.ndarray, pool: np.ndarray, p
 def score(root: str, name: str, labels_spec: str, seed: int, tag: str, method: str = "semppl") -> dict:
     """``method``: ``semppl``, or ``alpha0`` (whose encoder no label reached: a fold that ranks
     high there too is an easy draw, not one its labels made easy)."""
-    from own_photos import _config, alpha0_encoder
+    from own_photos import _config, alpha0_encoder, run_dir, runs_dir
 
     from semppl_jax import datasets, evaluation
 
     layout = os.path.join(root, name, f"{labels_spec}_seed{seed}")
-    runs = os.path.join(root, "runs" + (f"_{tag}" if tag else ""))
+    runs = runs_dir(root, tag)
     config = _config(layout, seed, method == "alpha0")
-    workdir = (os.path.join(runs, f"{name}_{labels_spec}_seed{seed}_semppl", "pretrain") if method == "semppl"
+    workdir = (os.path.join(run_dir(runs, name, labels_spec, seed, "semppl"), "pretrain") if method == "semppl"
                else alpha0_encoder(runs, name, seed, config))
     source = datasets.load_split(config, config.dataset.train_split, os.path.join(workdir, "data_index"))
     in_loss, fold = datasets.pretraining_masks(config, source)

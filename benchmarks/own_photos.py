@@ -142,7 +142,7 @@ def run(root: str, layout: str, name: str, labels_spec: str, seed: int, method: 
     """One method on one layout: its result (cached in ``ROOT/runs/...``)."""
     from semppl_jax.paths import write_json_atomic
 
-    workdir = os.path.join(root, "runs" + (f"_{tag}" if tag else ""), f"{name}_{labels_spec}_seed{seed}_{method}")
+    workdir = run_dir(runs_dir(root, tag), name, labels_spec, seed, method)
     done = os.path.join(workdir, "result.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -151,7 +151,7 @@ def run(root: str, layout: str, name: str, labels_spec: str, seed: int, method: 
     if method == "pixels":
         out.update(pixel_baselines(layout))
     else:
-        out.update(pretrain_and_score(layout, workdir, seed, method, overrides, hidden))
+        out.update(pretrain_and_score(layout, workdir, name, seed, method, overrides, hidden))
     write_json_atomic(done, out)
     return out
 
@@ -173,6 +173,16 @@ def _config(layout: str, seed: int, alpha0: bool, overrides=(), hidden: bool = F
     return config
 
 
+def runs_dir(root: str, tag: str) -> str:
+    """Where a variant's runs are: ``ROOT/runs`` or ``ROOT/runs_<tag>``."""
+    return os.path.join(root, "runs" + (f"_{tag}" if tag else ""))
+
+
+def run_dir(runs: str, name: str, labels_spec: str, seed: int, method: str) -> str:
+    """One method's run on one layout (its ``result.json``, and ``pretrain/`` but for alpha = 0)."""
+    return os.path.join(runs, f"{name}_{labels_spec}_seed{seed}_{method}")
+
+
 def alpha0_encoder(runs: str, name: str, seed: int, config) -> str:
     """Where a seed's alpha = 0 encoder is, one a calibration fold size: no label reaches it and
     every layout of a seed has the same ids, but the export estimates only from the fold the
@@ -180,7 +190,8 @@ def alpha0_encoder(runs: str, name: str, seed: int, config) -> str:
     return os.path.join(runs, f"{name}_seed{seed}_fold{config.dataset.calibration_per_class}_alpha0_encoder")
 
 
-def pretrain_and_score(layout: str, workdir: str, seed: int, method: str, overrides=(), hidden: bool = False) -> dict:
+def pretrain_and_score(layout: str, workdir: str, name: str, seed: int, method: str, overrides=(),
+                       hidden: bool = False) -> dict:
     from experiments import eval as eval_presets
     from semppl_jax import datasets, jobs, pseudo_labels
     from semppl_jax.metric_writers import read_jsonl
@@ -188,7 +199,7 @@ def pretrain_and_score(layout: str, workdir: str, seed: int, method: str, overri
     config = _config(layout, seed, method == "alpha0", overrides, hidden)
     pretrain = os.path.join(workdir, "pretrain")
     if method == "alpha0":
-        pretrain = alpha0_encoder(os.path.dirname(workdir), os.path.basename(workdir).split("_")[0], seed, config)
+        pretrain = alpha0_encoder(os.path.dirname(workdir), name, seed, config)
     if not os.path.exists(os.path.join(pretrain, "train_summary.json")):
         jobs.train(config, pretrain)
     knn_config = eval_presets.for_pretraining("knn", f"folder,{layout}", config, pretrain)
