@@ -96,7 +96,7 @@ def _with_labels(ds: tf.data.Dataset, labelled: np.ndarray, calibration: np.ndar
                  ) -> tf.data.Dataset:
     """Adds ``is_labelled`` and ``label`` (-1 unless labelled) from the subset mask. With a
     ``calibration`` fold, the monitors' ``true_label`` is kept for it (and the labelled
-    images) alone: what the hidden-label monitors score is then the fold."""
+    images) alone: the hidden-label sums then count the fold (``CalibrationFold``)."""
     mask = tf.constant(labelled.astype(bool))
     fold = None if calibration is None else tf.constant(calibration.astype(bool))
 

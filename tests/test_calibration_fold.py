@@ -55,16 +55,22 @@ def wilson_reference(p: float, n: float, z: float) -> tuple[float, float]:
     return (centre - spread) / (1 + z * z / n), (centre + spread) / (1 + z * z / n)
 
 
+ESTIMATE = {"calibration_images", "pseudo_label_accuracy_estimate", "pseudo_label_accuracy_low",
+            "pseudo_label_accuracy_high"}
+
+
 def test_the_estimate_covers_about_the_last_epoch_with_wilsons_interval():
     action = pa.CalibrationFold(fold_size=10, steps_per_epoch=4)
     right_voted = [(1, 2), (0, 1), (2, 2), (1, 3), (0, 0), (3, 3), (2, 4), (1, 1)]  # a step each
     logged = {}
     for step, (right, voted) in enumerate(right_voted, 1):
+        batch_scores = dict(pseudo_label_accuracy=1.0, probe_accuracy=0.5, sure_pseudo_label_accuracy=1.0, loss=2.0)
         report = pa.Report(step, None, dict(hidden_labels_right=jnp.float32(right), hidden_labels=jnp.float32(voted)),
-                           {} if step % 2 == 0 else None)  # a log every 2 steps
+                           batch_scores if step % 2 == 0 else None)  # a log every 2 steps
         action(report)
         if report.scalars is not None:
             logged[step] = report.scalars
+            assert set(report.scalars) - ESTIMATE == {"loss"}  # the batch's few fold images: not logged
     for step in (4, 6, 8):  # the last two log intervals: 4 steps, an epoch
         right, voted = np.sum(right_voted[step - 4:step], 0)
         low, high = wilson_reference(right / voted, min(voted, 10), 1.96)
@@ -89,6 +95,8 @@ def test_a_run_with_a_fold_logs_the_folds_estimate(tmp_path):
     assert [r["step"] for r in rows] == [3, 6]
     last = rows[-1]  # 6 steps of 8 = 2 epochs of 24 images: the fold's 3 images voted in the last one
     assert last["calibration_images"] == 3 and "hidden_labels_right" not in last
+    scored_on_a_batchs_fold_images = {"pseudo_label_accuracy", "probe_accuracy", "sure_pseudo_label_accuracy"}
+    assert not scored_on_a_batchs_fold_images & set().union(*rows)  # the estimate is the fold's measure
     assert last["pseudo_label_accuracy_estimate"] in (0.0, 1 / 3, 2 / 3, 1.0)
     low, high = wilson_reference(last["pseudo_label_accuracy_estimate"], 3, 1.96)
     assert math.isclose(last["pseudo_label_accuracy_low"], low, rel_tol=1e-5, abs_tol=1e-6)
