@@ -41,7 +41,7 @@ from semppl_jax.preemption import Preempted
 T = TypeVar("T")
 
 # Fields that define parameter or state shapes: never allowed to change on resume.
-ENCODER_FIELDS = ("depth", "width_multiplier", "resnet_v2", "sk_ratio", "stem_max_pool")
+ENCODER_FIELDS = ("depth", "width_multiplier", "resnet_v2", "sk_ratio", "stem_max_pool", "stem_stride")
 ARCH_FIELDS = ENCODER_FIELDS + ("projector_hidden_size", "predictor_hidden_size", "projection_size")
 HEAD_MODULES = ("projector", "predictor", "classifier")  # not part of the encoder an evaluation reads
 SHAPE_KEYS = tuple(f"model.{k}" for k in ARCH_FIELDS) + ("semppl.queue_size", "num_classes")

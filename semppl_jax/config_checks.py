@@ -173,6 +173,8 @@ def _views(v: Any, a: Any, same_crop_pairs: bool) -> None:
 def _model(m: Any) -> None:
     _require(m.depth in RESNET_SPECS, "model.depth", f"{m.depth!r} is not one of {sorted(RESNET_SPECS)}")
     _require(m.remat in REMAT_POLICIES, "model.remat", f"{m.get('remat')!r} is not one of {sorted(REMAT_POLICIES)}")
+    _require(m.stem_stride in (1, 2), "model.stem_stride",
+             f"must be 2 (ResNet's stem) or 1 (small images at full resolution), got {m.stem_stride!r}")
     spec = RESNET_SPECS[m.depth]
     try:  # the network's own rule, checked at start rather than when it is built
         for channels in (spec.stem_channels, *spec.channels_per_group):

@@ -88,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
         # ResNet's 3x3/2 max pool after the stem; off keeps twice the resolution in every
         # group, for small images (a 28-pixel digit reaches group 0 at 7x7 with it).
         stem_max_pool=True,
+        stem_stride=2,  # the stem's first conv; 1 keeps a small image's full resolution (SimCLR's CIFAR net)
     ))
 
     c.semppl = ml_collections.ConfigDict(dict(

@@ -214,7 +214,7 @@ class ResNet(hk.Module):
 
     def __init__(self, spec: ResNetSpec, width_multiplier: float = 1, resnet_v2: bool = False,
                  sk_ratio: float = 0.0, bn_config: Mapping[str, Any] | None = None, remat: str = "none",
-                 stem_max_pool: bool = True, name: str | None = None):
+                 stem_max_pool: bool = True, stem_stride: int = 2, name: str | None = None):
         super().__init__(name=name)
         self._stem_max_pool = stem_max_pool
         bn_config = dict(BN_DEFAULTS if bn_config is None else bn_config)
@@ -224,7 +224,7 @@ class ResNet(hk.Module):
         if self._sk:
             # SimCLRv2's deep stem (three 3x3 convs) for its selective-kernel nets.
             self.stem = [
-                (hk.Conv2D(stem // 2, 3, 2, with_bias=False, padding="SAME", name="initial_conv_0"),
+                (hk.Conv2D(stem // 2, 3, stem_stride, with_bias=False, padding="SAME", name="initial_conv_0"),
                  _bn("initial_batchnorm_0", bn_config)),
                 (hk.Conv2D(stem // 2, 3, 1, with_bias=False, padding="SAME", name="initial_conv_1"),
                  _bn("initial_batchnorm_1", bn_config)),
@@ -232,7 +232,7 @@ class ResNet(hk.Module):
                  _bn("initial_batchnorm", bn_config)),
             ]
         else:
-            self.stem = [(hk.Conv2D(stem, 7, 2, with_bias=False, padding="SAME", name="initial_conv"),
+            self.stem = [(hk.Conv2D(stem, 7, stem_stride, with_bias=False, padding="SAME", name="initial_conv"),
                           _bn("initial_batchnorm", bn_config))]
         self.groups = [
             BlockGroup(scaled_channels(c, width_multiplier), n, 1 if i == 0 else 2, spec.bottleneck, bn_config,
@@ -275,17 +275,19 @@ class MLP(hk.Module):
 
 
 def make_encoder(depth: str, width_multiplier: float, resnet_v2: bool, sk_ratio: float,
-                 bn_config: Mapping[str, Any], remat: str = "none", stem_max_pool: bool = True) -> ResNet:
+                 bn_config: Mapping[str, Any], remat: str = "none", stem_max_pool: bool = True,
+                 stem_stride: int = 2) -> ResNet:
     if depth not in RESNET_SPECS:
         raise ValueError(f"model.depth={depth!r} is not one of {sorted(RESNET_SPECS)}")
     return ResNet(RESNET_SPECS[depth], width_multiplier, resnet_v2, sk_ratio, bn_config, remat,
-                  stem_max_pool, name=MODULE_NAMES[depth])
+                  stem_max_pool, stem_stride, name=MODULE_NAMES[depth])
 
 
 def encoder_from_config(model_config: Any, bn_config: Mapping[str, Any], remat: str = "none") -> ResNet:
     """The encoder a ``model`` config describes (pretraining and evaluation build the same one)."""
     return make_encoder(model_config.depth, model_config.width_multiplier, model_config.resnet_v2,
-                        model_config.sk_ratio, bn_config, remat, model_config.stem_max_pool)
+                        model_config.sk_ratio, bn_config, remat, model_config.stem_max_pool,
+                        model_config.stem_stride)
 
 
 def set_compute_dtype(compute_dtype: str) -> None:

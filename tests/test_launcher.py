@@ -26,6 +26,7 @@ METRIC_KEYS = {"step", "loss", "pseudo_label_accuracy", "semantic_positive_fract
     ("semppl.num_negatives", 32, "semppl.num_negatives"),
     ("model.depth", "resnet7", "model.depth"),
     ("model.width_multiplier", 0.3, r"model.width_multiplier: 0.3 must give whole channel counts"),
+    ("model.stem_stride", 4, r"model.stem_stride: must be 2 \(ResNet's stem\) or 1"),
     ("training.compute_dtype", "float16", "training.compute_dtype"),
     ("augment.rotation_degrees", -5.0, r"augment.rotation_degrees: must be in \[0, 180\]"),
     ("semppl.min_vote_share", 1.5, r"semppl.min_vote_share: must be in \[0, 1\]"),

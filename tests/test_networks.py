@@ -16,10 +16,11 @@ ARCHS = {"TinyResNet_1x": ("tiny", 1), "ResNet18_1x": ("resnet18", 1), "ResNet50
          "ResNet50_2x": ("resnet50", 2), "ResNet200_2x": ("resnet200", 2)}
 
 
-def model_config(depth, width=1, v2=False, sk=0.0, hidden=4096, proj=256, pool=True):
+def model_config(depth, width=1, v2=False, sk=0.0, hidden=4096, proj=256, pool=True, stride=2):
     c = default_config.base_config().model
     c.update(dict(depth=depth, width_multiplier=width, resnet_v2=v2, sk_ratio=sk, stem_max_pool=pool,
-                  bn_decay=0.9, projector_hidden_size=hidden, predictor_hidden_size=hidden, projection_size=proj))
+                  stem_stride=stride, bn_decay=0.9, projector_hidden_size=hidden, predictor_hidden_size=hidden,
+                  projection_size=proj))
     return c
 
 
@@ -60,32 +61,41 @@ def test_fractional_width_halves_every_layer():
         shapes("small", 0.3, hidden=32, proj=16)
 
 
-def test_stem_max_pool_off_keeps_resolution_and_parameters():
-    """Same parameters either way (names and shapes cannot tell the two apart, so the
-    checkpoint's signature records the flag); without the pool group 0 sees 14x14, not
-    7x7, from a 28-pixel image."""
+def test_the_stem_sets_group_0s_resolution_and_not_the_parameters():
+    """Same parameters whatever the stem's pool and stride (names and shapes cannot tell them
+    apart, so the checkpoint's signature records both). From a 28-pixel image group 0 sees
+    7x7 with ResNet's stem, 14x14 without the pool, 28x28 with a stride-1 conv and no pool;
+    the stride-1 conv's map at odd positions is the stride-2 conv's (XLA's SAME pads 2 before
+    and 3 after for stride 2, 3 and 3 for stride 1)."""
     x = jax.random.normal(jax.random.key(1), (2, 28, 28, 3))
-    group_inputs = {}
+    group_inputs, stem_outputs = {}, {}
 
-    def record(pool):
+    def record(stem):
         def interceptor(method, args, kwargs, context):
+            out = method(*args, **kwargs)
             if isinstance(context.module, networks.BlockGroup) and context.method_name == "__call__":
-                group_inputs.setdefault(pool, []).append(args[0].shape[1:3])
-            return method(*args, **kwargs)
+                group_inputs.setdefault(stem, []).append(args[0].shape[1:3])
+            if isinstance(context.module, hk.Conv2D) and context.module.module_name.endswith("initial_conv"):
+                stem_outputs[stem] = out
+            return out
         return interceptor
 
-    net = {}
-    for pool in (True, False):
-        net[pool] = networks.make_network(model_config("small", hidden=32, proj=16, pool=pool), 10, None)
-        with hk.intercept_methods(record(pool)):
-            jax.eval_shape(lambda pool=pool: net[pool].init(jax.random.key(0), x, True))
-    assert group_inputs[True] == [(7, 7), (7, 7), (4, 4), (2, 2)]
-    assert group_inputs[False] == [(14, 14), (14, 14), (7, 7), (4, 4)]
-    params, state = net[True].init(jax.random.key(0), x, True)
-    assert jax.tree.map(jnp.shape, net[False].init(jax.random.key(0), x, True)) == jax.tree.map(
-        jnp.shape, (params, state))
-    out = {p: net[p].apply(params, state, None, x, False)[0]["embedding"] for p in (True, False)}
-    assert not np.allclose(out[True], out[False])
+    stems = ((True, 2), (False, 2), (False, 1))
+    net = {stem: networks.make_network(model_config("small", hidden=32, proj=16, pool=stem[0], stride=stem[1]),
+                                       10, None) for stem in stems}
+    params, state = net[True, 2].init(jax.random.key(0), x, True)
+    out = {}
+    for stem in stems:
+        assert jax.tree.map(jnp.shape, net[stem].init(jax.random.key(0), x, True)) == jax.tree.map(
+            jnp.shape, (params, state))
+        with hk.intercept_methods(record(stem)):
+            out[stem] = net[stem].apply(params, state, None, x, False)[0]["embedding"]
+    assert group_inputs[True, 2] == [(7, 7), (7, 7), (4, 4), (2, 2)]
+    assert group_inputs[False, 2] == [(14, 14), (14, 14), (7, 7), (4, 4)]
+    assert group_inputs[False, 1] == [(28, 28), (28, 28), (14, 14), (7, 7)]
+    np.testing.assert_allclose(stem_outputs[False, 1][:, 1::2, 1::2], stem_outputs[False, 2], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out[True, 2], out[False, 2])
+    assert not np.allclose(out[False, 2], out[False, 1])
 
 
 def _forward(depth, **kw):
