@@ -40,7 +40,8 @@ from semppl_jax.preemption import Preempted
 
 T = TypeVar("T")
 
-# Fields that define parameter or state shapes: never allowed to change on resume.
+# Fields that define the encoder (its shapes, or how the same parameters are applied: the
+# stem's pool and stride): never allowed to change on resume or evaluation.
 ENCODER_FIELDS = ("depth", "width_multiplier", "resnet_v2", "sk_ratio", "stem_max_pool", "stem_stride")
 ARCH_FIELDS = ENCODER_FIELDS + ("projector_hidden_size", "predictor_hidden_size", "projection_size")
 HEAD_MODULES = ("projector", "predictor", "classifier")  # not part of the encoder an evaluation reads
